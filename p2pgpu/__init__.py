@@ -1,0 +1,14 @@
+"""p2pgpu: a peer-to-peer marketplace for LLM inference on idle GPUs.
+
+Layout (see docs/architecture.md):
+
+- ``p2pgpu.core``: the pure core. Wire codec, identity, genesis, ledger rules,
+  offers, ranking and job sessions. No I/O imports (enforced by import-linter);
+  time is always a parameter.
+- Edges beside it adapt I/O to the core and hold no rules of their own:
+  ``p2pgpu.store`` (LevelDB), ``p2pgpu.datadir`` (files on disk),
+  ``p2pgpu.cli`` (click).
+- ``p2pgpu.testing``: helpers shipped with the package, as ``trio.testing`` is.
+"""
+
+__version__ = "0.1.0"
