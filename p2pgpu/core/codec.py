@@ -131,7 +131,11 @@ def unpack(data: bytes, *, max_size: int, what: str = "message") -> Any:
         raise
     except UnicodeDecodeError as exc:
         raise MalformedInput(f"{what}: a string is not valid UTF-8") from exc
-    except (ValueError, TypeError, msgpack.FormatError, msgpack.StackError) as exc:
+    except ValueError as exc:
+        if "incomplete input" in str(exc):  # msgpack's one-shot unpackb says truncation this way
+            raise Truncated(f"{what}: input ends before the value is complete") from exc
+        raise MalformedInput(f"{what}: undecodable msgpack ({exc})") from exc
+    except (TypeError, msgpack.FormatError, msgpack.StackError) as exc:
         raise MalformedInput(f"{what}: undecodable msgpack ({exc})") from exc
 
 
