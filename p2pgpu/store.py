@@ -17,6 +17,12 @@ import plyvel
 from p2pgpu.errors import ConfigError
 
 
+def _reason(exc: Exception) -> str:
+    """plyvel puts LevelDB's status message in args[0] as bytes."""
+    detail = exc.args[0] if exc.args else exc
+    return detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+
+
 class LevelDBStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -25,9 +31,9 @@ class LevelDBStore:
             # Bloom filters make misses (the common case for duplicate checks) ~7x cheaper.
             self._db = plyvel.DB(str(self.path), create_if_missing=True, bloom_filter_bits=10)
         except plyvel.IOError as exc:
-            raise ConfigError(f"cannot open the ledger database at {self.path}: {exc} (is another node using this data dir?)") from exc
+            raise ConfigError(f"cannot open the ledger database at {self.path}: {_reason(exc)} (is another node using this data dir?)") from exc
         except plyvel.CorruptionError as exc:
-            raise ConfigError(f"the ledger database at {self.path} is corrupt: {exc}") from exc
+            raise ConfigError(f"the ledger database at {self.path} is corrupt: {_reason(exc)}") from exc
 
     def get(self, key: bytes) -> bytes | None:
         return self._db.get(key)

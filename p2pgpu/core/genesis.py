@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 from p2pgpu.core.codec import MAX_INT, check_int, check_str, object_id, pack
 from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
+from p2pgpu.core.units import BASE_UNITS_PER_COIN  # noqa: F401  (re-exported)
 from p2pgpu.errors import ConfigError, MalformedInput
 
 GENESIS_VERSION = 1
 MAX_ALLOCATIONS = 10_000
-# One coin is a million base units; balances are always integer base units.
-BASE_UNITS_PER_COIN = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
