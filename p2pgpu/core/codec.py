@@ -221,17 +221,10 @@ def sign_object(
     if len(payload) + SIGNATURE_SIZE + 8 > MAX_SIGNED_SIZE:
         raise Oversized(f"{Tag.NAMES.get(tag, tag)}: payload of {len(payload)} bytes is too large to sign")
     signature = key.sign(payload)
+    # positional: keyword construction of a NamedTuple costs twice as much
     return Signed(
-        payload=payload,
-        signature=signature,
-        tag=tag,
-        version=version,
-        network_id=network_id,
-        signer=key.public_key,
-        timestamp_ms=timestamp_ms,
-        fields=fields,
-        id=object_id(payload),
-        wire=pack([payload, signature]),
+        payload, signature, tag, version, network_id, key.public_key, timestamp_ms, fields,
+        object_id(payload), pack([payload, signature]),
     )
 
 
