@@ -1,0 +1,140 @@
+"""Node configuration: one frozen dataclass, built from (lowest to highest
+precedence) defaults, a TOML file, ``P2PGPU_*`` environment variables, and
+command-line flags.
+
+Keys (TOML name = environment variable without the ``P2PGPU_`` prefix,
+lower-cased; prices are in coins per million tokens, written as strings so no
+float ever touches money)::
+
+    data_dir        = "~/.local/share/p2pgpu"
+    listen          = "/ip4/0.0.0.0/tcp/4001"
+    bootstrap       = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
+    genesis         = "genesis.json"          # installed into the data dir on first run
+    ollama_host     = "http://127.0.0.1:11434"
+    provide         = true                    # publish offers when Ollama answers
+    price_in        = "0.5"                   # coins per million input tokens
+    price_out       = "1.5"                   # coins per million output tokens
+    slots           = 1                       # jobs run at once = slots advertised
+    offer_cpu       = false                   # offer CPU inference when no GPU is found
+    api_port        = 0                       # local API on 127.0.0.1; 0 picks a free port
+    heartbeat_s     = 10
+    offer_ttl_s     = 30
+    sync_interval_s = 10
+
+Environment lists (``P2PGPU_BOOTSTRAP``) are comma-separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from p2pgpu.core.units import parse_coins
+from p2pgpu.datadir import default_data_dir
+from p2pgpu.errors import ConfigError, MalformedInput
+from p2pgpu.executor import default_ollama_host
+
+ENV_PREFIX = "P2PGPU_"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    data_dir: Path
+    listen: str = "/ip4/0.0.0.0/tcp/4001"
+    bootstrap: tuple[str, ...] = ()
+    genesis: Path | None = None
+    ollama_host: str = dataclasses.field(default_factory=default_ollama_host)
+    provide: bool = True
+    price_in: int = 500_000  # base units per million input tokens (0.5 coin)
+    price_out: int = 1_500_000  # base units per million output tokens (1.5 coins)
+    slots: int = 1
+    offer_cpu: bool = False
+    api_port: int = 0
+    heartbeat_s: float = 10.0
+    offer_ttl_s: float = 30.0
+    sync_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.slots <= 1024:
+            raise ConfigError(f"slots must be between 1 and 1024, not {self.slots}")
+        if not 0 <= self.api_port <= 65535:
+            raise ConfigError(f"api_port must be a TCP port, not {self.api_port}")
+        if not 0.05 <= self.heartbeat_s <= 3600:
+            raise ConfigError("heartbeat_s must be between 0.05 and 3600")
+        if self.offer_ttl_s <= self.heartbeat_s:
+            raise ConfigError("offer_ttl_s must be longer than heartbeat_s (else offers expire between heartbeats)")
+        if self.price_in < 0 or self.price_out < 0:
+            raise ConfigError("prices cannot be negative")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Turn a TOML/env/flag value into the field's type, with a clear error."""
+    try:
+        if name in ("data_dir", "genesis"):
+            return Path(str(value)).expanduser()
+        if name == "bootstrap":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(item.strip() for item in items if str(item).strip())
+        if name in ("price_in", "price_out"):
+            return value if isinstance(value, int) and not isinstance(value, bool) else parse_coins(str(value))
+        if name in ("provide", "offer_cpu"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if name in ("slots", "api_port"):
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if name in ("heartbeat_s", "offer_ttl_s", "sync_interval_s"):
+            return float(value)
+        return str(value)
+    except (ValueError, TypeError, MalformedInput) as exc:
+        raise ConfigError(f"config {name}: {exc}") from exc
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Defaults < TOML file < environment < ``overrides`` (flags; None values
+    are ignored so unset flags do not mask the file)."""
+    values: dict[str, Any] = {}
+    environ = os.environ if environ is None else environ
+    path = Path(config_file).expanduser() if config_file else None
+    if path is None and environ.get(ENV_PREFIX + "CONFIG"):
+        path = Path(environ[ENV_PREFIX + "CONFIG"]).expanduser()
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(raw) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
+        values.update({k: _convert(k, v) for k, v in raw.items()})
+    for name in _FIELDS:
+        env_value = environ.get(ENV_PREFIX + name.upper())
+        if env_value is not None and env_value != "":
+            values[name] = _convert(name, env_value)
+    for name, value in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {name}")
+        if value is not None and value != ():
+            values[name] = _convert(name, value)
+    values.setdefault("data_dir", default_data_dir())
+    return NodeConfig(**values)
