@@ -18,25 +18,31 @@ Decorate it with ``@cli.command()`` (or a subgroup's ``.command()``) and
 ``@_with_settings``; it receives a frozen ``Settings`` (data dir, json) first.
 Build the answer as one dict plus a human rendering and hand both to
 ``_emit``. Raise a ``P2PGPUError`` subclass for anything the user must fix.
-The commands here work on local files only (identity, genesis, the offline
-ledger check, the GPU probe). Commands that need a running node (``node
-run``, ``submit``, ``offers``, ``wallet``, ``send``, ``faucet``...) will be
-thin clients of the node's local HTTP API (DESIGN §7) with the token from
-``DataDir.load_or_create_token(create=False)``, and translate HTTP failures
-into ``P2PGPUError`` before they reach the root group.
+Most commands work on local files only (identity, genesis, the offline
+ledger check, the GPU probe). Those that need the running node (``status``,
+``peers``, ``offers``, ``wallet``, ``send``, ``faucet``; later ``submit``,
+``jobs``...) are thin clients of its local HTTP API (DESIGN §7): open one
+with ``with _node(settings) as node:`` and call ``p2pgpu.api_client``'s
+``ApiClient``, which reads ``api.addr`` and ``api.token`` from the data dir
+and already turns every HTTP failure into a ``P2PGPUError`` (``NodeNotRunning``
+when nothing listens), so these commands need no error handling either.
+With ``--json`` they print the API's JSON unchanged. Strings that came from
+other peers (memos, model names, addresses) go through ``_safe`` before they
+reach a terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -47,6 +53,9 @@ from p2pgpu.core.ledger import Ledger, decode_entry
 from p2pgpu.core.units import format_coins, parse_coins
 from p2pgpu.datadir import ENV_DATA_DIR, DataDir, default_data_dir, read_genesis_file
 from p2pgpu.errors import ConfigError, MalformedInput, P2PGPUError
+
+if TYPE_CHECKING:
+    from p2pgpu.api_client import ApiClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -514,6 +523,256 @@ def ledger_verify(settings: Settings) -> None:
     _emit(settings, result, _rows(rows))
     if not result["ok"]:
         click.get_current_context().exit(1)
+
+
+# ------------------------------------------------------ the running node's API
+
+
+@contextlib.contextmanager
+def _node(settings: Settings) -> Iterator[ApiClient]:
+    """A client of the running node's local API, closed on the way out.
+
+    Imported here, not at the top: the client pulls in the API module's
+    server stack (Starlette, hypercorn, trio), which the offline commands
+    (`init`, `id`, `genesis`...) should not pay for at every start.
+    """
+    from p2pgpu.api_client import ApiClient
+
+    client = ApiClient.from_data_dir(settings.data_dir)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _safe(value: Any) -> str:
+    """Text from the network, made harmless for a terminal.
+
+    Memos, model names and addresses are chosen by other peers; printed raw,
+    an escape sequence in one could rewrite the screen (or a bidi override
+    disguise a peer id). Every unprintable character is shown as ``\\uXXXX``.
+    """
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else str(value)
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
+
+
+def _coins(base_units: Any, unit: str = " coins") -> str:
+    return f"{format_coins(base_units)}{unit}" if type(base_units) is int else "?"
+
+
+def _duration(seconds: Any) -> str:
+    """``3d 4h``, ``2h 5m``, ``4m 10s``, ``12s``: two units at most."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds != seconds:
+        return "?"
+    total = max(0, int(seconds))
+    parts = []
+    for size, suffix in ((86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")):
+        count, total = divmod(total, size)
+        if count or (parts and len(parts) < 2):
+            parts.append(f"{count}{suffix}")
+        if len(parts) == 2:
+            break
+    return " ".join(parts) or "0s"
+
+
+def _count(value: Any, one: str, many: str) -> str:
+    return f"{value} {one if value == 1 else many}" if type(value) is int else f"? {many}"
+
+
+def _gib(size: Any) -> str:
+    return f"{size / 2**30:.1f} GiB" if type(size) is int else "?"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart, headed by ``headers``."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [headers, *rows]
+    )
+
+
+def _positive_coins(text: str) -> int:
+    amount = parse_coins(text)
+    if amount == 0:
+        raise MalformedInput("the amount must be more than 0 coins")
+    return amount
+
+
+@cli.command()
+@_with_settings
+def status(settings: Settings) -> None:
+    """Show the running node: identity, network, peers, balance."""
+    with _node(settings) as node:
+        info = node.status()
+    network = info.get("network") or {}
+    addrs = info.get("listen_addrs") or []
+    frozen = info.get("frozen")
+    rows = [
+        ("peer id", _safe(info.get("peer_id"))),
+        ("network", f"{_safe(network.get('id'))} ({_safe(network.get('name'))})"),
+        ("role", _safe(info.get("role")) + (", faucet" if info.get("faucet") else "")),
+        ("version", _safe(info.get("version"))),
+        ("uptime", _duration(info.get("uptime_s"))),
+        ("listening on", ", ".join(map(_safe, addrs)) or "nothing"),
+        ("peers", f"{_safe(info.get('peers'))} connected"),
+        ("offers seen", _safe(info.get("offers_seen"))),
+        ("balance", _coins(info.get("balance"))),
+        ("held", _coins(info.get("held"))),
+        ("pending in", _coins(info.get("pending_in"))),
+        ("spendable", _coins(info.get("spendable"))),
+        ("own chain", _count(info.get("entries"), "entry", "entries")),
+        ("frozen", ", ".join(map(_safe, frozen)) if isinstance(frozen, list) and frozen else "no accounts"),
+    ]
+    _emit(settings, info, _rows(rows))
+
+
+@cli.command()
+@_with_settings
+def peers(settings: Settings) -> None:
+    """List the peers the running node knows."""
+    with _node(settings) as node:
+        known = node.peers()
+    rows = []
+    for peer in known:
+        addrs = [_safe(addr) for addr in peer.get("addrs") or []]
+        shown = addrs[0] + (f" (+{len(addrs) - 1} more)" if len(addrs) > 1 else "") if addrs else "-"
+        rows.append(
+            [
+                _safe(peer.get("peer_id")),
+                "connected" if peer.get("connected") else "known",
+                _duration(peer["since_s"]) if peer.get("since_s") is not None else "-",
+                "yes" if peer.get("bootstrap") else "",
+                shown,
+            ]
+        )
+    human = _table(["PEER ID", "STATE", "SINCE", "BOOTSTRAP", "ADDRESS"], rows) if rows else "No peers known yet."
+    _emit(settings, {"peers": known}, human)
+
+
+def _offer_gpus(offer: dict[str, Any]) -> str:
+    gpus = offer.get("gpus") or []
+    if not gpus:
+        return "CPU only" if offer.get("cpu") else "-"
+    shown = []
+    for gpu_info in gpus:
+        free = f", {_gib(gpu_info.get('vram_free'))} free" if gpu_info.get("vram_free") is not None else ""
+        shown.append(f"{_safe(gpu_info.get('name'))} ({_gib(gpu_info.get('vram_total'))}{free})")
+    return "; ".join(shown) + (" [cpu]" if offer.get("cpu") else "")
+
+
+@cli.command()
+@click.option("--model", metavar="NAME", help="Only offers serving this model.")
+@_with_settings
+def offers(settings: Settings, model: str | None) -> None:
+    """List the live offers the running node has seen, best first."""
+    with _node(settings) as node:
+        seen = node.offers(model)
+    rows = [
+        [
+            _safe(offer.get("provider")),
+            ", ".join(
+                _safe(item.get("name")) + ("*" if item.get("warm") else "") for item in offer.get("models") or []
+            )
+            or "-",
+            _offer_gpus(offer),
+            _coins(offer.get("price_in"), ""),
+            _coins(offer.get("price_out"), ""),
+            f"{_safe(offer.get('slots_free'))}/{_safe(offer.get('slots_total'))}",
+            _duration(offer.get("expires_in_s")),
+        ]
+        for offer in seen
+    ]
+    if rows:
+        human = (
+            _table(["PROVIDER", "MODELS", "GPUS", "IN/1M", "OUT/1M", "SLOTS", "EXPIRES IN"], rows)
+            + "\nPrices in coins per million tokens (in: prompt, out: generated); * = model loaded (warm)."
+        )
+    else:
+        human = f"No offers for {_safe(model)} seen yet." if model else "No offers seen yet."
+    _emit(settings, {"offers": seen}, human)
+
+
+@cli.command()
+@click.option("--account", metavar="PEER_ID", help="Another account [default: this node's].")
+@_with_settings
+def wallet(settings: Settings, account: str | None) -> None:
+    """Show an account's balance and its history, sent and received."""
+    with _node(settings) as node:
+        info = node.wallet(account)
+    rows = [
+        ("account", _safe(info.get("account"))),
+        ("balance", _coins(info.get("balance"))),
+        ("held", _coins(info.get("held")) + " (locked for jobs in flight)"),
+        ("pending in", _coins(info.get("pending_in")) + " (sent to it, not received yet)"),
+        ("spendable", _coins(info.get("spendable"))),
+    ]
+    if info.get("frozen"):
+        rows.append(("frozen", "YES: this account forked its chain; every replica refuses its new entries"))
+    history = info.get("history") or []
+    lines = [_rows(rows), ""]
+    if history:
+        table = []
+        for item in history:
+            incoming = item.get("direction") == "in"
+            amount = item.get("amount")
+            table.append(
+                [
+                    _utc(item["timestamp_ms"]) if type(item.get("timestamp_ms")) is int else "?",
+                    "received" if incoming else "sent",
+                    _safe(item.get("kind")),
+                    ("+" if incoming else "-") + _coins(amount, "") if type(amount) is int else "?",
+                    _safe(item.get("counterparty")),
+                    _safe(item.get("memo")) if item.get("memo") else "",
+                ]
+            )
+        headers = ["TIME", "DIRECTION", "KIND", "AMOUNT", "COUNTERPARTY", "MEMO"]
+        lines += ["History (newest first):", _table(headers, table)]
+    else:
+        lines.append("No history yet.")
+    _emit(settings, info, "\n".join(lines))
+
+
+def _transfer_lines(verb: str, answer: dict[str, Any]) -> str:
+    return _rows(
+        [
+            (verb, f"{_coins(answer.get('amount'))} to {_safe(answer.get('to'))}"),
+            ("entry", _safe(answer.get("entry_id"))),
+        ]
+    )
+
+
+@cli.command()
+@click.argument("to", metavar="TO")
+@click.argument("amount", metavar="AMOUNT_COINS")
+@click.option("--memo", default="", help="A note stored with the entry (public: every replica sees it).")
+@_with_settings
+def send(settings: Settings, to: str, amount: str, memo: str) -> None:
+    """Send coins to the account TO (a peer id); AMOUNT_COINS like 12.5."""
+    base_units = _positive_coins(amount)
+    with _node(settings) as node:
+        answer = node.send(to, base_units, memo)
+    _emit(settings, answer, _transfer_lines("sent", answer))
+
+
+@cli.command()
+@click.argument("words", nargs=-1, metavar="[TO] AMOUNT_COINS")
+@_with_settings
+def faucet(settings: Settings, words: tuple[str, ...]) -> None:
+    """Mint coins for TO [default: this node]; only the faucet's own node can.
+
+    AMOUNT_COINS like 100 or 0.5.
+    """
+    if len(words) not in (1, 2):
+        raise click.UsageError("expected [TO] AMOUNT_COINS")
+    base_units = _positive_coins(words[-1])
+    with _node(settings) as node:
+        to = words[0] if len(words) == 2 else node.status().get("peer_id")
+        if not isinstance(to, str):
+            raise ConfigError("the node did not say its own peer id; give TO explicitly")
+        answer = node.faucet(to, base_units)
+    _emit(settings, answer, _transfer_lines("minted", answer))
 
 
 if __name__ == "__main__":

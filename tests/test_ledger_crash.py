@@ -71,8 +71,10 @@ def run_and_kill(path: str, seed: int, rng: random.Random) -> tuple[int, int]:
             if line.startswith("ready"):
                 ready.set()
                 continue
-            alice_seq, bob_seq = map(int, line.split())
-            acked[0], acked[1] = alice_seq, bob_seq
+            parts = line.split()
+            if not line.endswith("\n") or len(parts) != 2:
+                continue  # a line cut short by the kill was never acknowledged
+            acked[0], acked[1] = int(parts[0]), int(parts[1])
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()

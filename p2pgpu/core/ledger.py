@@ -674,9 +674,12 @@ class Ledger:
                 break
         return out
 
-    def history(self, public_key: bytes) -> list[Entry]:
-        """The account's own entries in chain order."""
-        return [decode_entry(w, self.network_id, verify=False) for w in self.chain(public_key, 1, 10**9)]
+    def history(self, public_key: bytes, last: int | None = None) -> list[Entry]:
+        """The account's own entries in chain order; only the ``last`` few
+        (by sequence number) when given, without reading the rest."""
+        head = self.head(public_key)
+        from_seq = 1 if last is None or head is None else max(1, head[0] - last + 1)
+        return [decode_entry(w, self.network_id, verify=False) for w in self.chain(public_key, from_seq, 10**9)]
 
     def receivable(self, public_key: bytes) -> list[tuple[bytes, int]]:
         """(send id, amount) of sends to this account not yet received."""

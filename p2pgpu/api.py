@@ -1,0 +1,715 @@
+"""The node's local HTTP API (DESIGN §7): JSON over HTTP on 127.0.0.1 only.
+
+An edge. The daemon owns the node's state and hands this module a
+``NodeView``, a narrow read/act interface; the API turns HTTP requests into
+calls on it and its answers (or ``P2PGPUError``\\ s) into JSON. Nothing here
+knows about libp2p or the ledger's storage, so the API is tested against a
+fake view with real HTTP (``tests/test_api.py``) and the daemon against the
+view without HTTP.
+
+Who may call it
+---------------
+Every request, on every path (unknown ones included, so a prober learns
+nothing), must carry ``Authorization: Bearer <token>`` with the token from the
+data dir's ``api.token`` (mode 0600), as bitcoind's cookie file works: being
+able to read the file *is* the permission. Binding 127.0.0.1 alone is not
+enough, since any local user, or a web page in a local browser, can reach a
+loopback port. The presented token is hashed with SHA-256 and the digest
+compared with ``hmac.compare_digest`` against the digest of the real one, so
+the comparison always looks at 32 bytes whatever was sent: it leaks neither
+the token's bytes nor its length through timing. A browser cannot attach an
+``Authorization`` header cross-origin without a CORS preflight, which this
+API never answers, so the token also stops drive-by requests from web pages.
+
+Routes (all JSON; amounts are integer base units, see ``p2pgpu.core.units``)::
+
+    GET  /v1/ping                 {"ok": true}: "is my token right and the node up?"
+    GET  /v1/status               StatusInfo
+    GET  /v1/peers                {"peers": [PeerInfo, ...]}
+    GET  /v1/offers[?model=M]     {"offers": [OfferInfo, ...]}
+    GET  /v1/wallet[?account=P]   WalletInfo
+    POST /v1/send                 {"to": P, "amount": N | "coins": "1.5", "memo"?: S} -> TransferResult
+    POST /v1/faucet               {"to": P, "amount": N | "coins": "1.5"}              -> TransferResult
+
+Status codes. Every error body is ``{"error": <message>, "type": <name>}``,
+where ``type`` is the ``P2PGPUError`` subclass's name when the view raised
+one (so a client can re-raise the same class) and a fixed word otherwise:
+
+    200  success
+    400  BadRequest: the body is empty, not UTF-8 or not JSON;
+         any other P2PGPUError from the view (ConfigError, ExecutionFailed...),
+         under its own type name
+    401  Unauthorized: token missing, malformed or wrong (+ WWW-Authenticate: Bearer)
+    404  NotFound: no such route
+    405  MethodNotAllowed (+ Allow)
+    409  LedgerRuleViolation and its subclass InsufficientFunds: the request
+         was well-formed but the ledger's rules refuse it (overspending; a
+         faucet request to a node without the faucet key, since only that
+         key may MINT)
+    413  PayloadTooLarge: a body over 64 KiB (refused before it is read)
+    422  MalformedInput and subclasses: JSON of the wrong shape, unknown
+         fields, a bad peer id, an amount that is not a positive integer
+    500  InternalError: the view raised something unexpected; logged here
+         with its traceback, answered with a generic message (no traceback
+         ever reaches the client) and the server keeps serving
+
+Concurrency: the view's plain methods are called on the trio thread, between
+awaits, never from a worker thread, so the daemon can answer them from its
+in-memory state without locks; they must be quick (no disk scans of the
+whole ledger). ``send`` and ``faucet`` are async and may take as long as the
+ledger write takes.
+
+Where the daemon says it listens: ``write_api_address`` puts
+``http://127.0.0.1:PORT`` into ``<data dir>/api.addr`` once the port is
+known; ``remove_api_address`` takes it away on shutdown; the CLI reads it
+with ``read_api_address``. A file left behind by a crash is harmless: the
+client then finds the port closed and says the node is not running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from hmac import compare_digest
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol, TypedDict
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from p2pgpu.core.identity import public_key_from_peer_id
+from p2pgpu.core.units import parse_coins
+from p2pgpu.datadir import DataDir
+from p2pgpu.errors import ConfigError, LedgerRuleViolation, MalformedInput, P2PGPUError
+
+__all__ = [
+    "API_ADDRESS_FILE",
+    "LOOPBACK",
+    "MAX_BODY",
+    "HistoryItem",
+    "NetworkInfo",
+    "NodeView",
+    "OfferGpu",
+    "OfferInfo",
+    "OfferModel",
+    "PeerInfo",
+    "StatusInfo",
+    "TransferResult",
+    "WalletInfo",
+    "api_address_path",
+    "api_url",
+    "create_app",
+    "read_api_address",
+    "remove_api_address",
+    "serve_api",
+    "status_for",
+    "write_api_address",
+]
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK: Final = "127.0.0.1"
+MAX_BODY: Final = 64 * 1024
+API_ADDRESS_FILE: Final = "api.addr"
+# How long a stopping server may take to finish the requests in flight before
+# they are cut off. Local requests are short; `send` is one ledger write.
+SHUTDOWN_GRACE_S: Final = 2.0
+
+# ----------------------------------------------------------------- the view
+
+
+class NetworkInfo(TypedDict):
+    id: str  # the network id, hex
+    name: str
+
+
+class StatusInfo(TypedDict):
+    """``GET /v1/status``: one node at a glance. Amounts in base units, for
+    this node's own account. A view may add keys of its own (diagnostics
+    such as a state hash or replication counters): the API passes them
+    through unchanged and the CLI shows them with ``--json`` only."""
+
+    version: str  # p2pgpu version of the daemon
+    peer_id: str
+    network: NetworkInfo
+    listen_addrs: list[str]  # multiaddrs the libp2p host listens on
+    peers: int  # peers connected now
+    offers_seen: int  # live (unexpired) offers known
+    role: Literal["provider", "consumer", "both"]
+    faucet: bool  # this node holds the network's faucet key
+    balance: int
+    held: int
+    pending_in: int
+    spendable: int
+    entries: int  # entries on this node's own chain
+    frozen: list[str]  # peer ids of the accounts this replica has frozen (forked chains)
+    uptime_s: float
+
+
+class PeerInfo(TypedDict):
+    """One item of ``GET /v1/peers``: a peer this node knows of."""
+
+    peer_id: str
+    addrs: list[str]  # multiaddrs known for it
+    connected: bool
+    since_s: float | None  # seconds since connected (or last seen if not); None if never
+    bootstrap: bool  # one of the configured bootstrap peers
+
+
+class OfferModel(TypedDict):
+    name: str
+    warm: bool  # loaded in GPU memory now: no load time before the first token
+
+
+class OfferGpu(TypedDict):
+    name: str | None
+    vram_total: int | None  # bytes; None where the provider's probe could not tell
+    vram_free: int | None  # bytes
+    util: int | None  # percent, 0..100
+
+
+class OfferInfo(TypedDict):
+    """One item of ``GET /v1/offers``: a provider's latest unexpired offer."""
+
+    provider: str  # peer id
+    models: list[OfferModel]
+    gpus: list[OfferGpu]
+    price_in: int  # base units per million prompt tokens
+    price_out: int  # base units per million generated tokens
+    slots_free: int
+    slots_total: int
+    expires_in_s: float
+    cpu: bool  # runs on the CPU (no usable GPU); expect it to be slow
+
+
+class HistoryItem(TypedDict):
+    """One ledger entry touching the account, as the wallet shows it."""
+
+    id: str  # entry id, hex
+    seq: int  # its sequence number on its author's chain
+    kind: str  # "mint", "send", "receive", "hold", "claim", "release"
+    timestamp_ms: int
+    counterparty: str | None  # peer id of the other side; None for a mint
+    amount: int  # base units, always >= 0; `direction` gives the sign
+    memo: str
+    direction: Literal["in", "out"]  # in: coins came to the account; out: left it
+
+
+class WalletInfo(TypedDict):
+    """``GET /v1/wallet``. An account the node has never seen is all zeros
+    with an empty history, not an error: a fresh account is exactly that."""
+
+    account: str  # peer id
+    balance: int
+    held: int  # locked in holds for jobs in flight
+    pending_in: int  # sent to it, not yet received
+    spendable: int  # what a send or a hold may use now
+    frozen: bool
+    history: list[HistoryItem]  # newest first; the view may cap its length
+
+
+class TransferResult(TypedDict):
+    """What ``send`` and ``faucet`` answer once the entry is in the ledger."""
+
+    entry_id: str  # hex
+    amount: int
+    to: str
+
+
+class NodeView(Protocol):
+    """What the local API needs from the running node.
+
+    Plain methods are called on the trio thread and must return quickly
+    (they read in-memory state). They return JSON-able values: only dict,
+    list, str, int, float, bool and None, no NaN. Errors a user can fix are
+    raised as ``P2PGPUError`` subclasses; see the module docstring for the
+    status each becomes. Peer ids are already checked by the API (they parse
+    as ed25519 peer ids) before ``wallet``, ``send`` or ``faucet`` see them,
+    and amounts are positive integers.
+    """
+
+    def status(self) -> StatusInfo: ...
+
+    def peers(self) -> list[PeerInfo]: ...
+
+    def offers(self, model: str | None) -> list[OfferInfo]:
+        """Live offers, best first in the node's own ranking; only those
+        serving ``model`` when it is given."""
+        ...
+
+    def wallet(self, account: str | None) -> WalletInfo:
+        """``account`` is a peer id; None means this node's own account."""
+        ...
+
+    async def send(self, to: str, amount: int, memo: str) -> TransferResult:
+        """Append a SEND to this node's chain and publish it.
+        ``InsufficientFunds``, ``LedgerRuleViolation``, ``MalformedInput``."""
+        ...
+
+    async def faucet(self, to: str, amount: int) -> TransferResult:
+        """Mint ``amount`` for ``to``; only on the node holding the faucet key,
+        else a ``LedgerRuleViolation`` that says so (409: only that key may
+        MINT; another ``P2PGPUError`` would become a 400)."""
+        ...
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "type": kind}, status_code=status, headers=headers)
+
+
+def status_for(error: P2PGPUError) -> int:
+    """The HTTP status of an error the view raised (table in the module docstring)."""
+    if isinstance(error, MalformedInput):
+        return 422
+    if isinstance(error, LedgerRuleViolation):  # InsufficientFunds included
+        return 409
+    return 400
+
+
+class _Refusal(Exception):
+    """A request this module refuses before the view sees it."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def _endpoint(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a handler so that every way it can end becomes a JSON response.
+
+    Rendering the JSON happens inside the ``try`` too: a view that returns
+    something JSON cannot hold (a bug) gets the same logged 500 as one that
+    raises. Cancellation is a ``BaseException`` and passes through.
+    """
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return JSONResponse(await handler(request))
+        except _Refusal as refusal:
+            return _error(refusal.status, str(refusal), refusal.kind)
+        except P2PGPUError as exc:
+            logger.debug("%s %s refused: %s", request.method, request.url.path, exc)
+            return _error(status_for(exc), str(exc), type(exc).__name__)
+        except Exception:
+            logger.exception("local API: %s %s failed", request.method, request.url.path)
+            return _error(500, "internal error in the node; its log has the details", "InternalError")
+
+    return endpoint
+
+
+# ------------------------------------------------------------------- inputs
+
+
+def _query(request: Request, name: str) -> str | None:
+    """An optional query parameter; empty counts as absent, twice is refused."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise MalformedInput(f"query parameter {name!r} is given {len(values)} times")
+    return values[0] if values and values[0] else None
+
+
+def _peer_id(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedInput(f"{where}: expected a peer id string, got {_json_type(value)}")
+    try:
+        public_key_from_peer_id(value)
+    except MalformedInput as exc:
+        raise MalformedInput(f"{where}: {exc}") from None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refusing more than ``MAX_BODY`` bytes.
+
+    A declared Content-Length over the limit is refused before anything is
+    read; a chunked body is counted as it arrives and refused as soon as it
+    passes the limit, so a client can never make the node buffer more.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise _Refusal(413, f"request body is larger than {MAX_BODY} bytes", "PayloadTooLarge")
+    chunks: list[bytes] = []
+    size = 0
+    async with aclosing(request.stream()) as stream:  # closed now, not by the GC, when we stop early
+        async for chunk in stream:
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _Refusal(413, f"request body is larger than {MAX_BODY} bytes", "PayloadTooLarge")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_object(request: Request, allowed: frozenset[str]) -> dict[str, Any]:
+    """The body as a JSON object with no fields outside ``allowed``.
+
+    Unknown fields are refused rather than ignored: a typo such as
+    ``"ammount"`` must not turn into a request that means something else.
+    """
+    raw = await _read_body(request)
+    if not raw.strip():
+        raise _Refusal(400, "expected a JSON object in the request body", "BadRequest")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        # ValueError covers JSONDecodeError and ints beyond Python's digit limit.
+        raise _Refusal(400, f"request body is not valid JSON: {exc}", "BadRequest") from None
+    if not isinstance(body, dict):
+        raise MalformedInput(f"the request body must be a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise MalformedInput(f"unknown field(s) {', '.join(map(repr, unknown))}; expected {sorted(allowed)}")
+    return body
+
+
+def _amount(body: dict[str, Any]) -> int:
+    """``amount`` (integer base units) or ``coins`` (decimal text), exactly one;
+    always more than zero."""
+    if ("amount" in body) == ("coins" in body):
+        raise MalformedInput('give exactly one of "amount" (integer base units) or "coins" (text like "12.5")')
+    if "amount" in body:
+        amount = body["amount"]
+        if type(amount) is not int:  # bool is an int subclass; 1.0 is not an amount
+            raise MalformedInput(f'"amount" must be an integer number of base units, got {_json_type(amount)}')
+    else:
+        amount = parse_coins(body["coins"])
+    if amount <= 0:
+        raise MalformedInput("the amount must be more than zero")
+    return amount
+
+
+# ---------------------------------------------------------------- handlers
+
+
+class _Handlers:
+    """The route handlers, bound to one view."""
+
+    _SEND_FIELDS = frozenset({"to", "amount", "coins", "memo"})
+    _FAUCET_FIELDS = frozenset({"to", "amount", "coins"})
+
+    def __init__(self, view: NodeView) -> None:
+        self.view = view
+
+    async def ping(self, request: Request) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def status(self, request: Request) -> Any:
+        return self.view.status()
+
+    async def peers(self, request: Request) -> dict[str, Any]:
+        return {"peers": self.view.peers()}
+
+    async def offers(self, request: Request) -> dict[str, Any]:
+        return {"offers": self.view.offers(_query(request, "model"))}
+
+    async def wallet(self, request: Request) -> Any:
+        account = _query(request, "account")
+        return self.view.wallet(None if account is None else _peer_id(account, "account"))
+
+    async def send(self, request: Request) -> Any:
+        body = await _json_object(request, self._SEND_FIELDS)
+        to = _peer_id(body.get("to"), '"to"')
+        amount = _amount(body)
+        memo = body.get("memo", "")
+        if not isinstance(memo, str):
+            raise MalformedInput(f'"memo" must be a string, got {_json_type(memo)}')
+        return await self.view.send(to, amount, memo)
+
+    async def faucet(self, request: Request) -> Any:
+        body = await _json_object(request, self._FAUCET_FIELDS)
+        to = _peer_id(body.get("to"), '"to"')
+        return await self.view.faucet(to, _amount(body))
+
+
+# ----------------------------------------------------------- authentication
+
+
+class _BearerAuth:
+    """ASGI middleware: nothing reaches routing without the right token.
+
+    It sits outside the router so that unknown paths and wrong methods get a
+    401 too: without the token, the API tells nothing, not even which routes
+    exist.
+    """
+
+    def __init__(self, app: ASGIApp, token_digest: bytes) -> None:
+        self.app = app
+        self._digest = token_digest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            # No websockets here; closing before accept makes the server
+            # answer the upgrade with 403.
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        presented = [value for name, value in scope["headers"] if name == b"authorization"]
+        scheme, _, credentials = presented[0].partition(b" ") if len(presented) == 1 else (b"", b"", b"")
+        credentials = credentials.strip()
+        if scheme.lower() != b"bearer" or not credentials:
+            response = _error(
+                401,
+                "this API needs `Authorization: Bearer <token>`, the token being the contents "
+                "of api.token in the node's data dir",
+                "Unauthorized",
+                {"WWW-Authenticate": 'Bearer realm="p2pgpu"'},
+            )
+        elif not compare_digest(hashlib.sha256(credentials).digest(), self._digest):
+            response = _error(
+                401,
+                "wrong API token (it must match api.token in the running node's data dir)",
+                "Unauthorized",
+                {"WWW-Authenticate": 'Bearer realm="p2pgpu", error="invalid_token"'},
+            )
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)
+
+
+_TOKEN_SHAPE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: sendable in a header as is
+
+
+def create_app(view: NodeView, token: str) -> Starlette:
+    """The API as an ASGI app serving ``view``; every request needs ``token``.
+
+    ``ConfigError`` for an empty token or one that cannot travel in an HTTP
+    header: an empty token would let ``Bearer `` through, so it is refused
+    here rather than trusted to the caller.
+    """
+    if not isinstance(token, str) or not _TOKEN_SHAPE.fullmatch(token):
+        raise ConfigError("the API token must be a non-empty string of visible ASCII characters")
+    handlers = _Handlers(view)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kinds = {404: "NotFound", 405: "MethodNotAllowed"}
+        messages = {
+            404: f"no such route: {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }
+        message = messages.get(exc.status_code, exc.detail)
+        return _error(exc.status_code, message, kinds.get(exc.status_code, "HTTPError"), exc.headers)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Only reached for a bug outside the handlers (they catch their own);
+        # Starlette logs it through the server after this answer is sent.
+        return _error(500, "internal error in the node; its log has the details", "InternalError")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/ping", _endpoint(handlers.ping), methods=["GET"]),
+            Route("/v1/status", _endpoint(handlers.status), methods=["GET"]),
+            Route("/v1/peers", _endpoint(handlers.peers), methods=["GET"]),
+            Route("/v1/offers", _endpoint(handlers.offers), methods=["GET"]),
+            Route("/v1/wallet", _endpoint(handlers.wallet), methods=["GET"]),
+            Route("/v1/send", _endpoint(handlers.send), methods=["POST"]),
+            Route("/v1/faucet", _endpoint(handlers.faucet), methods=["POST"]),
+        ],
+        middleware=[Middleware(_BearerAuth, token_digest=hashlib.sha256(token.encode("ascii")).digest())],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
+    )
+    # "/v1/status/" is a 404, not a redirect: redirects only invite clients
+    # to re-send the token somewhere else.
+    app.router.redirect_slashes = False
+    return app
+
+
+# ------------------------------------------------------------------ serving
+
+
+def _bind(port: int) -> int:
+    """A TCP socket bound to 127.0.0.1:``port``, as a bare descriptor.
+
+    Bound here rather than by hypercorn so that a taken port is our own
+    ``OSError`` (hypercorn leaks the socket whose bind failed, and reports
+    the error wrapped in three exception groups). The descriptor is
+    detached and handed over as ``fd://N``: from then on hypercorn's
+    listener owns it and closes it when serving stops.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((LOOPBACK, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror or exc}") from exc
+    return sock.detach()
+
+
+async def serve_api(
+    app: ASGIApp,
+    port: int = 0,
+    *,
+    host: str = LOOPBACK,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` until cancelled.
+
+    ``port=0`` picks a free port; ``task_status.started`` reports the port
+    actually bound (``port = await nursery.start(serve_api, app, port)``;
+    ``port`` is positional so that ``nursery.start`` can pass it). ``host``
+    exists only to be refused: anything but ``127.0.0.1`` is a
+    ``ConfigError``, so no configuration mistake can put the API on a
+    network interface. A port that cannot be bound is a ``ConfigError`` too.
+
+    Cancelling the surrounding scope stops the server gracefully: the
+    listening socket closes, idle keep-alive connections are dropped, and
+    requests in flight get up to ``SHUTDOWN_GRACE_S`` to finish before they
+    are cut off. That needs hypercorn's own shutdown path, which a plain
+    cancellation would skip, so hypercorn runs in a shielded scope and the
+    cancellation is turned into its shutdown trigger, with a deadline on
+    the shield so shutdown can never hang.
+    """
+    if host != LOOPBACK:
+        raise ConfigError(f"the local API listens on {LOOPBACK} only, not {host!r}")
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise ConfigError(f"API port must be an integer from 0 to 65535, got {port!r}")
+    config = hypercorn.config.Config()
+    config.accesslog = None
+    config.errorlog = logging.getLogger(f"{__name__}.hypercorn")
+    config.include_server_header = False
+    config.graceful_timeout = SHUTDOWN_GRACE_S
+    shutdown = trio.Event()
+    server_scope = trio.CancelScope(shield=True)
+
+    # Bound before any task starts, so a taken port raises ConfigError
+    # itself rather than inside a nursery's exception group; the shield
+    # below keeps cancellation from landing before hypercorn adopts it.
+    config.bind = [f"fd://{_bind(port)}"]
+
+    async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        with server_scope:
+            await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run_hypercorn)
+        bound = int(binds[0].rsplit(":", 1)[1])
+        logger.info("local API listening on %s", api_url(bound))
+        task_status.started(bound)
+        try:
+            await trio.sleep_forever()
+        finally:
+            shutdown.set()
+            server_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S + 1.0
+            logger.info("local API on %s stopping", api_url(bound))
+
+
+# ------------------------------------------------------- the address file
+
+_ADDRESS = re.compile(r"http://127\.0\.0\.1:([0-9]{1,5})")
+_MAX_ADDRESS_FILE = 256
+
+
+def api_url(port: int) -> str:
+    """``http://127.0.0.1:PORT``: the one spelling of the API's address."""
+    return f"http://{LOOPBACK}:{port}"
+
+
+def api_address_path(data_dir: DataDir) -> Path:
+    return data_dir.path / API_ADDRESS_FILE
+
+
+def write_api_address(data_dir: DataDir, port: int) -> Path:
+    """Record where the API listens, for the CLI; returns the file's path.
+
+    Written to a temporary file and renamed into place, so a CLI reading it
+    at that moment sees the old address or the new one, never half of one.
+    """
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ConfigError(f"API port must be an integer from 1 to 65535, got {port!r}")
+    path = api_address_path(data_dir)
+    data = f"{api_url(port)}\n".encode("ascii")
+    try:
+        fd, temp = tempfile.mkstemp(dir=data_dir.path, prefix=f".{API_ADDRESS_FILE}.")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temp, path)
+    except OSError as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def read_api_address(data_dir: DataDir) -> str | None:
+    """The recorded API URL, or None when there is no ``api.addr``.
+
+    Only ``http://127.0.0.1:PORT`` is accepted (anything else is a
+    ``ConfigError``): the client sends the bearer token to this address, so
+    a file that pointed anywhere else would hand the token to whoever is
+    listening there.
+    """
+    path = api_address_path(data_dir)
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_MAX_ADDRESS_FILE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    text = raw.decode("ascii", errors="replace").strip()
+    match = _ADDRESS.fullmatch(text) if len(raw) <= _MAX_ADDRESS_FILE else None
+    if match is None or not 1 <= int(match.group(1)) <= 65535:
+        raise ConfigError(
+            f"{path} does not hold a local API address (expected {api_url(0)[:-1]}PORT); "
+            "delete it and restart the node"
+        )
+    return api_url(int(match.group(1)))
+
+
+def remove_api_address(data_dir: DataDir, port: int | None = None) -> bool:
+    """Delete ``api.addr``; True if it was there and is now gone.
+
+    With ``port``, only a file naming that port is deleted, so a node
+    shutting down never removes the address another node wrote since. A
+    file that cannot be parsed is left for the operator.
+    """
+    path = api_address_path(data_dir)
+    if port is not None:
+        try:
+            current = read_api_address(data_dir)
+        except ConfigError:
+            return False
+        if current != api_url(port):
+            return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+    return True
+

@@ -1,0 +1,200 @@
+"""A small synchronous client of the node's local HTTP API (``p2pgpu.api``).
+
+An edge, used by the CLI. Its methods mirror ``p2pgpu.api.NodeView`` and
+return the same JSON shapes. As httpx's own ``map_exceptions`` does, every
+failure is translated in exactly one place (``ApiClient._call``), so callers
+only ever see ``P2PGPUError``:
+
+- no ``api.addr`` in the data dir, or nothing listening at the address it
+  names (the node stopped, or crashed and left the file behind):
+  ``NodeNotRunning``;
+- 401: ``TokenMismatch``, which says why that happens in practice;
+- an error answer ``{"error": ..., "type": ...}``: the ``p2pgpu.errors``
+  class of that name when there is one (so ``InsufficientFunds`` stays
+  ``InsufficientFunds``), else ``ApiError``, with the server's message;
+- anything else (a timeout, a dropped connection, an answer that is not the
+  API's JSON): ``ApiError``.
+
+The client never reads proxy settings from the environment (``trust_env``
+off): a ``HTTP_PROXY`` meant for the web must not receive the node's token.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any, Final
+
+import httpx
+
+from p2pgpu import errors
+from p2pgpu.api import api_address_path, read_api_address
+from p2pgpu.datadir import DataDir
+from p2pgpu.errors import P2PGPUError
+
+__all__ = ["ApiClient", "ApiError", "NodeNotRunning", "TokenMismatch"]
+
+# Reads are answered from memory at once; a send waits for one ledger write.
+# Generous, because the CLI would rather wait than give up on a busy node.
+DEFAULT_TIMEOUT_S: Final = 30.0
+
+
+class NodeNotRunning(P2PGPUError):
+    """Nothing answers at the node's local API: start it with ``p2pgpu node run``."""
+
+
+class TokenMismatch(P2PGPUError):
+    """The API refused this data dir's token (401)."""
+
+
+class ApiError(P2PGPUError):
+    """The API failed or answered something this client cannot read.
+
+    ``status`` is the HTTP status when there was an answer, else None.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _not_running(where: str) -> NodeNotRunning:
+    return NodeNotRunning(f"the node is not running (no local API at {where}); start it with `p2pgpu node run`")
+
+
+def _error_class(name: Any) -> type[P2PGPUError]:
+    """The ``p2pgpu.errors`` class the server named, or ``ApiError``. Only
+    names of ``P2PGPUError`` subclasses defined there are honoured: the name
+    comes off the wire and must not pick any other attribute."""
+    found = getattr(errors, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if isinstance(found, type) and issubclass(found, P2PGPUError):
+        return found
+    return ApiError
+
+
+class ApiClient:
+    """Talks to one node's local API. Use as a context manager, or ``close()``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            timeout=timeout,
+            trust_env=False,
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    @classmethod
+    def from_data_dir(cls, data_dir: DataDir, *, timeout: float = DEFAULT_TIMEOUT_S) -> ApiClient:
+        """A client for the node running from ``data_dir``.
+
+        The address comes first: without ``api.addr`` the node is not
+        running, which is the useful thing to say even when the token is
+        missing too. The token is then read with the data dir's checks
+        (``IdentityError`` if it is missing or open to other users).
+        """
+        url = read_api_address(data_dir)
+        if url is None:
+            raise _not_running(f"{data_dir.path}: no {api_address_path(data_dir).name} file")
+        token = data_dir.load_or_create_token(create=False)
+        return cls(url, token, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------- the view
+
+    def ping(self) -> bool:
+        return self._call("GET", "/v1/ping").get("ok") is True
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/status")
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self._list(self._call("GET", "/v1/peers"), "peers")
+
+    def offers(self, model: str | None = None) -> list[dict[str, Any]]:
+        params = {"model": model} if model else None
+        return self._list(self._call("GET", "/v1/offers", params=params), "offers")
+
+    def wallet(self, account: str | None = None) -> dict[str, Any]:
+        params = {"account": account} if account else None
+        return self._call("GET", "/v1/wallet", params=params)
+
+    def send(self, to: str, amount: int, memo: str = "") -> dict[str, Any]:
+        return self._call("POST", "/v1/send", body={"to": to, "amount": amount, "memo": memo})
+
+    def faucet(self, to: str, amount: int) -> dict[str, Any]:
+        return self._call("POST", "/v1/faucet", body={"to": to, "amount": amount})
+
+    # ------------------------------------------------------------- the edge
+
+    def _list(self, answer: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        items = answer.get(key)
+        if not isinstance(items, list):
+            raise ApiError(f"unexpected answer from the node's local API at {self.base_url}: no {key!r} list")
+        return items
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One request; the only place HTTP failures become ``P2PGPUError``."""
+        try:
+            response = self._http.request(method, path, params=params, json=body)
+        except httpx.ConnectError:
+            raise _not_running(self.base_url) from None
+        except httpx.TimeoutException:
+            raise ApiError(f"the node's local API at {self.base_url} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(f"lost the connection to the node's local API at {self.base_url}: {exc}") from None
+        try:
+            answer = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            answer = None
+        status = response.status_code
+        if status == 401:
+            raise TokenMismatch(
+                f"the node's local API at {self.base_url} refused this data dir's API token (token mismatch): "
+                "is the node running from another data dir, or was api.token replaced after it started? "
+                "Restart it with `p2pgpu node run`"
+            )
+        if not isinstance(answer, dict):
+            raise ApiError(
+                f"unexpected answer from {self.base_url} (HTTP {status}, not the node's JSON): "
+                "is another program using that port? Restart the node",
+                status,
+            )
+        if status >= 400:
+            message = answer.get("error")
+            if not isinstance(message, str):
+                raise ApiError(f"the node's local API answered HTTP {status} without an error message", status)
+            error_class = _error_class(answer.get("type"))
+            if error_class is ApiError:
+                raise ApiError(message, status)
+            raise error_class(message)
+        return answer
