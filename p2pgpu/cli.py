@@ -439,6 +439,53 @@ def gpus(settings: Settings) -> None:
     _emit(settings, gpu.report_to_json(report), gpu.format_report(report))
 
 
+# ---------------------------------------------------------------------- node
+
+
+@cli.group()
+@_output_options()
+def node() -> None:
+    """Run this machine's node daemon."""
+
+
+@node.command("run")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="P2PGPU_CONFIG",
+              help="TOML config file (keys in p2pgpu/config.py).")
+@click.option("--genesis", type=click.Path(dir_okay=False, path_type=Path), help="Join the network this genesis file defines.")
+@click.option("--listen", metavar="MULTIADDR", help="libp2p listen address [default: /ip4/0.0.0.0/tcp/4001].")
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR", help="Peer to join through (repeatable), with /p2p/<id>.")
+@click.option("--ollama-host", metavar="URL", help="Local Ollama [default: $OLLAMA_HOST or http://127.0.0.1:11434].")
+@click.option("--provide/--no-provide", default=None, help="Offer this machine's inference (when Ollama answers).")
+@click.option("--price-in", metavar="COINS", help="Price per million input tokens.")
+@click.option("--price-out", metavar="COINS", help="Price per million output tokens.")
+@click.option("--slots", type=int, help="Jobs run at once (what is advertised).")
+@click.option("--offer-cpu/--no-offer-cpu", default=None, help="Offer CPU inference when no GPU is found.")
+@click.option("--api-port", type=int, help="Local API port on 127.0.0.1 (0 picks one).")
+@click.option("--heartbeat", "heartbeat_s", type=float, help="Seconds between offers.")
+@click.option("--offer-ttl", "offer_ttl_s", type=float, help="Seconds an offer stays valid.")
+@click.option("--sync-interval", "sync_interval_s", type=float, help="Seconds between ledger anti-entropy rounds.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@_with_settings
+def node_run(settings: Settings, config_file: Path | None, verbose: int, **flags: Any) -> None:
+    """Run the node until SIGINT or SIGTERM (then withdraw the offer and exit).
+
+    Logs go to stderr. The local API's address is written to api.addr in the
+    data dir, where the other commands find it.
+    """
+    import trio
+
+    from p2pgpu.config import load_config
+    from p2pgpu.node import run_until_signalled
+
+    logging.getLogger().setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    if verbose < 2:
+        for noisy in ("libp2p", "multiaddr", "hypercorn", "httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "libp2p" else logging.CRITICAL)
+    flags["data_dir"] = settings.data_dir.path
+    config = load_config(config_file, overrides=flags)
+    trio.run(run_until_signalled, config)
+
+
 # -------------------------------------------------------------------- ledger
 
 

@@ -58,7 +58,8 @@ class OllamaBackend:
         except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
             raise ExecutionFailed(f"Ollama at {self.host} did not answer: {_describe(exc)}") from exc
         warm = {m.model for m in loaded.models if m.model}
-        return [LocalModel(m.model, m.size, m.model in warm) for m in tags.models if m.model]
+        # sizes arrive as pydantic ByteSize; the wire wants plain ints
+        return [LocalModel(m.model, None if m.size is None else int(m.size), m.model in warm) for m in tags.models if m.model]
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -200,7 +201,93 @@ def bench_ledger(args) -> dict:
     return result
 
 
-SUITES = {"ledger": bench_ledger}
+def _proc_sample(pid: int) -> tuple[int, float]:
+    """(RSS bytes, CPU seconds so far) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss_kb * 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def bench_gossip(args) -> dict:
+    """Offer spread across N node processes on 127.0.0.1, and what an idle node costs.
+
+    One provider signs a new offer every heartbeat; every other node records
+    when it accepted each one (``received_ms``). The spread of one offer is
+    the time from its signature until the *last* node held it. Nodes read
+    the same clock, so no polling error enters the figure.
+    """
+    from p2pgpu.testing.devnet import Devnet
+
+    n = args.nodes
+    heartbeat = 0.5
+    rounds = args.rounds
+    root = Path(tempfile.mkdtemp(prefix="p2pgpu-bench-gossip-"))
+    net = Devnet(root, nodes=n, providers=1, heartbeat_s=heartbeat, offer_ttl_s=3.0, sync_interval_s=5.0)
+    print(f"gossip: {n} node processes, 1 provider, heartbeat {heartbeat} s, {rounds} offers")
+    try:
+        start = time.monotonic()
+        net.up(timeout=300)
+        print(f"  all {n} nodes up in {time.monotonic() - start:.1f} s")
+        clients = [node.client() for node in net.nodes[1:]]
+        deadline = time.monotonic() + 120
+        while not all(c.offers(None) for c in clients):
+            if time.monotonic() > deadline:
+                raise SystemExit("the offer never reached every node")
+            time.sleep(0.1)
+        time.sleep(heartbeat * (rounds + 2) + args.settle)  # nodes remember their last 64 arrivals each
+        spreads: dict[int, dict[int, int]] = {}  # seq -> node index -> received - signed
+        for index, client in enumerate(clients):
+            for offer in client.offers(None):
+                for seq, signed_ms, received_ms in offer["arrivals"]:
+                    spreads.setdefault(seq, {})[index] = received_ms - signed_ms
+        complete = sorted(seq for seq, seen in spreads.items() if len(seen) == len(clients))[-rounds:]
+        if not complete:
+            raise SystemExit("no offer was seen complete on every node")
+        all_nodes_ms = [max(spreads[seq].values()) for seq in complete]
+        print("  per offer, ms until the last node held it:", all_nodes_ms)
+        per_node_ms = [ms for seq in complete for ms in spreads[seq].values()]
+        # idle cost: RSS and CPU over a quiet window (offers keep flowing, no jobs)
+        pids = [node.pid for node in net.nodes if node.pid]
+        before = {pid: _proc_sample(pid) for pid in pids}
+        window = 5.0
+        time.sleep(window)
+        after = {pid: _proc_sample(pid) for pid in pids}
+        rss_mb = [after[pid][0] / 2**20 for pid in pids]
+        cpu_pct = [100 * (after[pid][1] - before[pid][1]) / window for pid in pids]
+    finally:
+        net.down()
+        shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "suite": "gossip",
+        "nodes": n,
+        "offers_measured": len(complete),
+        "every_node_median_ms": statistics.median(all_nodes_ms),
+        "every_node_p95_ms": _percentile(all_nodes_ms, 0.95),
+        "per_node_median_ms": statistics.median(per_node_ms),
+        "targets": {"every_node_median_ms": 100, "every_node_p95_ms": 250},
+        "idle_rss_mb_median": round(statistics.median(rss_mb), 1),
+        "idle_rss_mb_max": round(max(rss_mb), 1),
+        "idle_cpu_percent_median": round(statistics.median(cpu_pct), 2),
+        "idle_cpu_percent_max": round(max(cpu_pct), 2),
+        "machine": {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform()},
+    }
+    print(f"  time until every node holds an offer: median {result['every_node_median_ms']} ms, "
+          f"p95 {result['every_node_p95_ms']} ms (targets 100 / 250) over {len(complete)} offers")
+    print(f"  one node's median: {result['per_node_median_ms']} ms")
+    print(f"  idle per node: RSS median {result['idle_rss_mb_median']} MiB (max {result['idle_rss_mb_max']}), "
+          f"CPU median {result['idle_cpu_percent_median']} % (max {result['idle_cpu_percent_max']})")
+    return result
+
+
+SUITES = {"ledger": bench_ledger, "gossip": bench_gossip}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--nodes", type=int, default=10, help="gossip: node processes")
+    parser.add_argument("--rounds", type=int, default=20, help="gossip: offers to measure")
+    parser.add_argument("--settle", type=float, default=10.0, help="gossip: seconds to let the mesh form first")
     args = parser.parse_args(argv)
     result = SUITES[args.suite](args)
     if args.json:

@@ -31,6 +31,7 @@ import re
 __all__ = [
     "JOB_PROTOCOL",
     "LEDGER_SYNC_PROTOCOL",
+    "PEERS_PROTOCOL",
     "STREAM_PROTOCOLS",
     "FRAME_HEADER_SIZE",
     "MAX_FRAME",
@@ -48,7 +49,10 @@ JOB_PROTOCOL = "/p2pgpu/job/1.0.0"
 LEDGER_SYNC_PROTOCOL = "/p2pgpu/ledger-sync/1.0.0"
 """Anti-entropy: exchange chain heads, fetch missing ranges (DESIGN §5)."""
 
-STREAM_PROTOCOLS = (JOB_PROTOCOL, LEDGER_SYNC_PROTOCOL)
+PEERS_PROTOCOL = "/p2pgpu/peers/1.0.0"
+"""Peer exchange: learn more peers' addresses than the bootstrap list (``core.peerex``)."""
+
+STREAM_PROTOCOLS = (JOB_PROTOCOL, LEDGER_SYNC_PROTOCOL, PEERS_PROTOCOL)
 
 # --- frame and message limits ------------------------------------------------
 FRAME_HEADER_SIZE = 4

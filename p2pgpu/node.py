@@ -1,0 +1,424 @@
+"""The node daemon: one trio process that wires the edges to the core.
+
+Theory of operation
+-------------------
+``Node.run`` opens, in one nursery:
+
+- the libp2p host (``p2pgpu.net``) with gossip and bootstrap redial;
+- ledger replication (``p2pgpu.replication``): gossip of new entries and
+  anti-entropy sync over ``/p2pgpu/ledger-sync/1.0.0``;
+- the offer book: a gossip subscription whose topic validator is the book's
+  own check, so invalid or stale offers are neither delivered nor forwarded;
+- the provider loop (when this node provides): every heartbeat, read the
+  local Ollama's models and the GPUs, sign a fresh offer, publish it;
+- incoming coins: sends addressed to this node are taken in (RECEIVE) as
+  they arrive, so they become spendable;
+- the local HTTP API on 127.0.0.1 with the bearer token from the data dir.
+
+The node holds no rules: the ledger, offers and (later) job sessions decide;
+this module moves bytes, reads clocks, and serialises ledger access on the
+trio thread. ``stop()`` withdraws the offer and lets everything close; the CLI
+calls it on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import trio
+
+from p2pgpu import __version__
+from p2pgpu.api import create_app, remove_api_address, serve_api, write_api_address
+from p2pgpu.config import NodeConfig
+from p2pgpu.core.genesis import Genesis
+from p2pgpu.core.hardware import HardwareReport
+from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
+from p2pgpu.core.ledger import CLAIM, HOLD, RECEIVE, RELEASE, SEND, MINT, Entry, Ledger
+from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq
+from p2pgpu.core.protocols import offers_topic
+from p2pgpu.datadir import DataDir, read_genesis_file
+from p2pgpu.errors import ConfigError, ExecutionFailed, LedgerRuleViolation, P2PGPUError
+from p2pgpu.executor import OllamaBackend
+from p2pgpu.gpu import probe
+from p2pgpu.net import BootstrapConfig, GossipConfig, P2PHost, open_host
+from p2pgpu.net.peer_exchange import PeerExchange
+from p2pgpu.replication import LedgerReplicator
+
+log = logging.getLogger(__name__)
+
+AGENT = f"p2pgpu/{__version__}"
+MAX_CLOCK_SKEW_MS = 60_000
+HISTORY_LIMIT = 100  # newest wallet entries returned: the API runs on the trio thread
+ARRIVALS_KEPT = 64  # recent offers remembered per provider, as [seq, signed_ms, received_ms]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Node:
+    """A running p2pgpu node. Implements ``p2pgpu.api.NodeView``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.data_dir = DataDir(config.data_dir)
+        self.data_dir.ensure()
+        self.key = self.data_dir.load_or_create_key(create=True)
+        self.token = self.data_dir.load_or_create_token(create=True)
+        if config.genesis is not None:
+            self.data_dir.install_genesis(read_genesis_file(config.genesis))
+        if not self.data_dir.has_genesis():
+            raise ConfigError(
+                f"no network configured in {self.data_dir.path}: pass --genesis FILE "
+                "(make one with `p2pgpu genesis new`)"
+            )
+        self.genesis: Genesis = self.data_dir.genesis()
+        self.network_id = self.genesis.network_id
+        self.ledger: Ledger | None = None
+        self.host: P2PHost | None = None
+        self.replicator: LedgerReplicator | None = None
+        self.max_ttl_ms = max(int(4 * config.offer_ttl_s * 1000), 120_000)
+        self.book = OfferBook(self.network_id, max_skew_ms=MAX_CLOCK_SKEW_MS, max_ttl_ms=self.max_ttl_ms)
+        self.backend = OllamaBackend(config.ollama_host)
+        self.hardware: HardwareReport | None = None
+        self.api_port: int | None = None
+        self.started_at = time.monotonic()
+        self.advertising = False
+        self.provider_note = "not providing"
+        self._offer_seq = 0
+        self._arrivals: dict[bytes, collections.deque[tuple[int, int, int]]] = {}
+        self._stopping = trio.Event()
+        self._incoming = trio.Event()
+        self._cancel: trio.CancelScope | None = None
+        self.is_faucet = self.key.public_key == self.genesis.faucet
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        self.ledger = self.data_dir.open_ledger()
+        try:
+            async with open_host(
+                self.key,
+                [config.listen],
+                gossip=GossipConfig(),
+                bootstrap=BootstrapConfig(list(config.bootstrap)) if config.bootstrap else None,
+            ) as host:
+                self.host = host
+                self.replicator = LedgerReplicator(
+                    host,
+                    self.ledger,
+                    network_id=self.network_id,
+                    now_ms=now_ms,
+                    sync_interval_s=config.sync_interval_s,
+                    on_applied=self._on_applied,
+                )
+                async with trio.open_nursery() as nursery:
+                    self._cancel = nursery.cancel_scope
+                    await nursery.start(PeerExchange(host).run)
+                    await nursery.start(self.replicator.run)
+                    await nursery.start(self._follow_offers)
+                    nursery.start_soon(self._take_in_coins)
+                    if config.provide:
+                        nursery.start_soon(self._provide)
+                    self.api_port = await nursery.start(serve_api, create_app(self, self.token), config.api_port)
+                    write_api_address(self.data_dir, self.api_port)
+                    log.info("node %s up: p2p %s, api 127.0.0.1:%d", self.key.peer_id, host.listen_addrs(), self.api_port)
+                    self._incoming.set()  # take in anything that arrived while we were offline
+                    task_status.started(self)
+                    await self._stopping.wait()
+                    await self._withdraw()
+                    nursery.cancel_scope.cancel()
+        finally:
+            remove_api_address(self.data_dir, self.api_port)
+            self.ledger.close()
+            log.info("node %s stopped", self.key.peer_id)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown: withdraw the offer, close everything."""
+        self._stopping.set()
+
+    # ------------------------------------------------------------ offers
+
+    async def _follow_offers(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        assert self.host is not None
+        topic = offers_topic(self.genesis.network_tag)
+
+        def validate(from_peer: str, data: bytes) -> bool:
+            try:
+                self.book.check(data, now_ms())
+                return True
+            except P2PGPUError as exc:
+                log.debug("offer from %s refused: %s", from_peer, exc)
+                return False
+
+        self.host.set_topic_validator(topic, validate)
+        subscription = await self.host.subscribe(topic)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_offers)
+            async for message in subscription:
+                self._accept_offer(message.data, message.from_peer_id)
+
+    async def _expire_offers(self) -> None:
+        while True:
+            for provider in self.book.expire(now_ms()):
+                log.info("offer of %s expired", peer_id_from_public_key(provider))
+            await trio.sleep(1.0)
+
+    async def _provide(self) -> None:
+        """Publish a fresh signed offer every heartbeat while Ollama answers."""
+        assert self.host is not None
+        topic = offers_topic(self.genesis.network_tag)
+        beats = 0
+        while True:
+            try:
+                models = await self.backend.models()
+                if beats % 6 == 0 or self.hardware is None:
+                    self.hardware = await trio.to_thread.run_sync(probe)
+                beats += 1
+                if not models:
+                    raise ExecutionFailed(f"Ollama at {self.backend.host} serves no models")
+                if not self.hardware.gpus and not self.config.offer_cpu:
+                    raise ExecutionFailed("no GPU found (set offer_cpu = true to offer CPU inference)")
+                now = now_ms()
+                self._offer_seq = next_seq(self._offer_seq, now)  # clock-based: grows across restarts too
+                wire = make_offer(
+                    self.key,
+                    self.network_id,
+                    now,
+                    seq=self._offer_seq,
+                    ttl_ms=int(self.config.offer_ttl_s * 1000),
+                    hardware=self.hardware,
+                    models=[ModelOffer(m.name, m.warm, m.size_bytes) for m in models],
+                    price_in=self.config.price_in,
+                    price_out=self.config.price_out,
+                    slots_free=self.config.slots,
+                    slots_total=self.config.slots,
+                    addrs=self.host.listen_addrs()[:8],
+                    cpu=not self.hardware.gpus,
+                    agent=AGENT,
+                    max_ttl_ms=self.max_ttl_ms,
+                ).wire
+                # Publish first: the host runs our topic validator on our own
+                # messages too, and the book would refuse a seq it already holds.
+                await self.host.publish(topic, wire)
+                self._record_own(wire)
+                if not self.advertising:
+                    log.info("offering %s at %d/%d per Mtok", [m.name for m in models], self.config.price_in, self.config.price_out)
+                self.advertising, self.provider_note = True, "offering"
+            except P2PGPUError as exc:  # Ollama down, no GPU, or a model name peers would refuse
+                if self.advertising:
+                    log.warning("stopped offering: %s", exc)
+                    await self._withdraw()
+                self.advertising, self.provider_note = False, str(exc)
+            await trio.sleep(self.config.heartbeat_s)
+
+    async def _withdraw(self) -> None:
+        """Tell the network we are gone now rather than letting the offer expire."""
+        if not self.advertising or self.host is None:
+            return
+        self.advertising = False
+        with trio.move_on_after(1.0):
+            self._offer_seq = next_seq(self._offer_seq, now_ms())
+            wire = make_withdrawal(self.key, self.network_id, now_ms(), self._offer_seq).wire
+            try:
+                await self.host.publish(offers_topic(self.genesis.network_tag), wire)
+                self._record_own(wire)
+                log.info("offer withdrawn")
+            except P2PGPUError as exc:
+                log.warning("could not withdraw the offer: %s", exc)
+
+    def _accept_offer(self, wire: bytes, source: str) -> None:
+        now = now_ms()
+        try:
+            message = self.book.accept(wire, now)
+        except P2PGPUError as exc:  # raced with a newer one, or expired in flight
+            log.debug("offer from %s dropped: %s", source, exc)
+            return
+        # (seq, signed, received) of each provider's recent offers: how fresh
+        # the book is, and what the gossip benchmark reads to measure spread
+        arrivals = self._arrivals.setdefault(message.provider, collections.deque(maxlen=ARRIVALS_KEPT))
+        arrivals.append((message.seq, message.timestamp_ms, now))
+
+    def _record_own(self, wire: bytes) -> None:
+        """Our own offer or withdrawal in our own book (gossip may already
+        have delivered it back to us, which is fine)."""
+        self._accept_offer(wire, "self")
+
+    # ------------------------------------------------------------ coins
+
+    def _on_applied(self, entries: list[Entry]) -> None:
+        me = self.key.public_key
+        if any(e.kind == SEND and e.body.to == me for e in entries):  # type: ignore[union-attr]
+            self._incoming.set()
+
+    async def _take_in_coins(self) -> None:
+        """RECEIVE every send addressed to this node, so it becomes spendable."""
+        assert self.replicator is not None and self.ledger is not None
+        while True:
+            await self._incoming.wait()
+            self._incoming = trio.Event()
+            if self.ledger.receivable(self.key.public_key) and self.ledger.frozen().get(self.key.public_key) is None:
+                try:
+                    taken = await self.replicator.append(lambda ledger: ledger.receive_all(self.key, now_ms()))
+                    log.info("took in %d incoming send(s)", len(taken))
+                except P2PGPUError as exc:
+                    log.warning("could not take in incoming coins: %s", exc)
+
+    # ------------------------------------------------------------ NodeView
+
+    def status(self) -> dict[str, Any]:
+        assert self.ledger is not None and self.host is not None
+        me = self.ledger.account(self.key.public_key)
+        return {
+            "peer_id": self.key.peer_id,
+            "version": __version__,
+            "network": {"id": self.network_id.hex(), "name": self.genesis.name},
+            "listen_addrs": self.host.listen_addrs(),
+            "peers": len(self.host.peers()),
+            "offers_seen": len(self.book.live(now_ms())),
+            "role": "provider" if self.advertising else "consumer",
+            "provider": self.provider_note,
+            "faucet": self.is_faucet,
+            "balance": me.balance,
+            "held": me.held,
+            "pending_in": me.pending_in,
+            "spendable": self.ledger.spendable(self.key.public_key),
+            "entries": me.entries,
+            "state_hash": self.ledger.state_hash().hex(),
+            "frozen": [peer_id_from_public_key(pk) for pk in self.ledger.frozen()],
+            "replication": self.replicator.stats() if self.replicator else {},
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        assert self.host is not None
+        now = trio.current_time()
+        return [
+            {
+                "peer_id": p.peer_id,
+                "addrs": list(p.addrs),
+                "connected": p.connected,
+                "since_s": round(now - p.since, 1) if p.since is not None else None,
+                "bootstrap": p.bootstrap,
+            }
+            for p in self.host.peer_list()
+        ]
+
+    def offers(self, model: str | None) -> list[dict[str, Any]]:  # type: ignore[override]
+        now = now_ms()
+        return [
+            {
+                "provider": offer.peer_id,
+                "models": [{"name": m.name, "warm": m.warm} for m in offer.models],
+                "gpus": [
+                    {"name": g.name, "vram_total": g.memory_total_bytes, "vram_free": g.memory_free_bytes, "util": g.utilization_percent}
+                    for g in offer.hardware.gpus
+                ],
+                "price_in": offer.price_in,
+                "price_out": offer.price_out,
+                "slots_free": offer.slots_free,
+                "slots_total": offer.slots_total,
+                "expires_in_s": round((offer.expiry_ms - now) / 1000, 1),
+                "seq": offer.seq,
+                "arrivals": [list(a) for a in self._arrivals.get(offer.provider, ())],
+                "cpu": offer.cpu,
+                "addrs": list(offer.addrs),
+            }
+            for offer in self.book.live(now, model)
+        ]
+
+    def wallet(self, account: str | None) -> dict[str, Any]:
+        assert self.ledger is not None
+        public_key = public_key_from_peer_id(account) if account else self.key.public_key
+        state = self.ledger.account(public_key)
+        return {
+            "account": peer_id_from_public_key(public_key),
+            "balance": state.balance,
+            "held": state.held,
+            "pending_in": state.pending_in,
+            "spendable": self.ledger.spendable(public_key),
+            "frozen": state.frozen,
+            "history": [_history_item(self.ledger, e) for e in reversed(self.ledger.history(public_key, last=HISTORY_LIMIT))],
+        }
+
+    async def send(self, to: str, amount: int, memo: str) -> dict[str, Any]:
+        assert self.replicator is not None
+        recipient = public_key_from_peer_id(to)
+        entries = await self.replicator.append(lambda ledger: ledger.send(self.key, recipient, amount, now_ms(), memo))
+        return {"entry_id": entries[0].id.hex(), "amount": amount, "to": to}
+
+    async def faucet(self, to: str, amount: int) -> dict[str, Any]:
+        assert self.replicator is not None
+        if not self.is_faucet:
+            raise LedgerRuleViolation("this node does not hold the network's faucet key")
+        recipient = public_key_from_peer_id(to)
+
+        def mint_and_send(ledger: Ledger) -> list[Entry]:
+            now = now_ms()
+            minted = ledger.mint(self.key, amount, now, "faucet")
+            if recipient == self.key.public_key:
+                return [minted]
+            return [minted, ledger.send(self.key, recipient, amount, now, "faucet")]
+
+        entries = await self.replicator.append(mint_and_send)
+        return {"entry_id": entries[-1].id.hex(), "amount": amount, "to": to}
+
+
+def _history_item(ledger: Ledger, entry: Entry) -> dict[str, Any]:
+    """One line of a wallet's history, from the account's own entry."""
+    body = entry.body
+    item: dict[str, Any] = {
+        "id": entry.id.hex(),
+        "seq": entry.seq,
+        "kind": {MINT: "mint", SEND: "send", RECEIVE: "receive", HOLD: "hold", CLAIM: "claim", RELEASE: "release"}[entry.kind],
+        "timestamp_ms": entry.timestamp_ms,
+        "counterparty": None,
+        "amount": 0,
+        "memo": "",
+        "direction": "out",
+    }
+    if entry.kind == MINT:
+        item.update(amount=body.amount, memo=body.memo, direction="in")  # type: ignore[union-attr]
+    elif entry.kind == SEND:
+        item.update(amount=body.amount, memo=body.memo, counterparty=peer_id_from_public_key(body.to))  # type: ignore[union-attr]
+    elif entry.kind == RECEIVE:
+        sent = ledger.get_entry(body.send_id)  # type: ignore[union-attr]
+        if sent is not None:
+            item.update(amount=sent.body.amount, memo=sent.body.memo, counterparty=peer_id_from_public_key(sent.author), direction="in")  # type: ignore[union-attr]
+    elif entry.kind == HOLD:
+        item.update(amount=body.amount, counterparty=peer_id_from_public_key(body.provider))  # type: ignore[union-attr]
+    elif entry.kind == CLAIM:
+        item.update(amount=body.amount, direction="in", counterparty=peer_id_from_public_key(body.voucher.signer))  # type: ignore[union-attr]
+    elif entry.kind == RELEASE:
+        hold = ledger.get_entry(body.hold_id)  # type: ignore[union-attr]
+        status = ledger.hold_status(body.hold_id)  # type: ignore[union-attr]
+        item.update(direction="in", amount=status[1] if status else 0)
+        if hold is not None:
+            item["counterparty"] = peer_id_from_public_key(hold.body.provider)  # type: ignore[union-attr]
+    return item
+
+
+async def run_until_signalled(config: NodeConfig) -> None:
+    """What ``p2pgpu node run`` does: run a node until SIGINT or SIGTERM,
+    then shut down gracefully (withdraw the offer, close the host and the
+    database)."""
+    import signal
+
+    node = Node(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s; shutting down", signal.Signals(signum).name)
+                    node.stop()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await node.run()
+            nursery.cancel_scope.cancel()

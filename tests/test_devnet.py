@@ -1,0 +1,85 @@
+"""Five nodes in separate OS processes (``p2pgpu node run``), driven through
+the real CLI and local API, as a user would.
+
+Every process is started by ``p2pgpu.testing.devnet`` with its PID recorded
+and stopped by that PID; the test checks none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from p2pgpu.cli import cli
+from p2pgpu.testing.devnet import Devnet
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> float:
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes; the devnet reaps its children
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def run_cli(node, *args: str) -> dict:
+    result = CliRunner().invoke(cli, ["--data-dir", str(node.data_dir), "--json", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.slow
+def test_five_processes_offers_payments_and_a_killed_provider(tmp_path):
+    net = Devnet(tmp_path / "net", nodes=5, providers=1, heartbeat_s=0.5, offer_ttl_s=2.0, sync_interval_s=1.0)
+    try:
+        net.up()
+        clients = [node.client() for node in net.nodes]
+        wait_until(lambda: all(c.offers(None) for c in clients), what="the offer on every node")
+        offers = run_cli(net.nodes[3], "offers")["offers"]
+        assert offers[0]["provider"] == net.peer_ids[0]
+        assert {m["name"] for m in offers[0]["models"]} == {"llama3.2:1b", "qwen2.5:0.5b"}
+
+        # coins move through the CLI and every process ends with one state
+        run_cli(net.nodes[1], "send", net.peer_ids[2], "2.5", "--memo", "lunch")
+        run_cli(net.nodes[0], "faucet", net.peer_ids[4], "10")
+        wait_until(lambda: len({c.status()["state_hash"] for c in clients}) == 1
+                   and clients[4].wallet(None)["balance"] == 1_010_000_000
+                   and clients[2].wallet(None)["balance"] == 1_002_500_000, what="one ledger state")
+        wallet = run_cli(net.nodes[2], "wallet")
+        assert any(item["memo"] == "lunch" and item["direction"] == "in" for item in wallet["history"])
+        status = run_cli(net.nodes[3], "status")
+        assert status["peers"] >= 1 and status["network"]["name"].startswith("devnet-")
+
+        # a provider killed with SIGKILL leaves every book within TTL + heartbeat (+ the 1 s sweep)
+        net.nodes[0].kill()
+        took = wait_until(lambda: not any(c.offers(None) for c in clients[1:]), timeout=15, what="the offer to vanish")
+        assert took <= 2.0 + 0.5 + 1.5
+
+        # a node restarted with the same data dir rejoins and agrees
+        net.restart(3)
+        clients = [node.client() for node in net.nodes[1:]]  # node 3 has a new API port now
+        wait_until(lambda: len({c.status()["state_hash"] for c in clients}) == 1, what="the restarted node to agree")
+    finally:
+        pids = net.pids()
+        net.down()
+    assert not [pid for pid in pids if alive(pid)], "processes left behind"
+    result = CliRunner().invoke(cli, ["--data-dir", str(net.nodes[1].data_dir), "status"])
+    assert result.exit_code == 1 and "not running" in result.output
