@@ -25,7 +25,7 @@ import trio
 
 from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.protocols import JOB_PROTOCOL, LEDGER_SYNC_PROTOCOL, ledger_topic, offers_topic
-from p2pgpu.errors import ConfigError, MalformedInput, Oversized, Truncated
+from p2pgpu.errors import ConfigError, MalformedInput, Oversized, P2PGPUError, Truncated
 from p2pgpu.net import (
     BootstrapConfig,
     FrameStream,
@@ -670,3 +670,23 @@ async def test_gossip_router_is_tuned() -> None:
     # The host ended every subscription on the way out.
     with trio.fail_after(DEADLINE):
         assert [m async for m in second] == []
+
+
+async def test_a_removed_handler_refuses_streams_and_the_host_keeps_serving() -> None:
+    """Removing a handler must not pull the protocol out of libp2p's table
+    (py-libp2p 0.8.1 raises KeyError out of the swarm if that happens during
+    a negotiation); streams for it are refused instead."""
+    async with hosts(2) as (alice, bob):
+        bob.set_stream_handler(JOB_PROTOCOL, echo)
+        bob.set_stream_handler(LEDGER_SYNC_PROTOCOL, echo)
+        await alice.connect(bob.listen_addrs()[0])
+        bob.remove_stream_handler(LEDGER_SYNC_PROTOCOL)
+        for _ in range(5):
+            with pytest.raises(P2PGPUError):
+                async with await alice.open_stream(bob.peer_id, LEDGER_SYNC_PROTOCOL) as stream:
+                    await stream.send_frame(b"anyone?")
+                    if await stream.receive_frame() is None:
+                        raise P2PGPUError("closed without an answer")
+        async with await alice.open_stream(bob.peer_id, JOB_PROTOCOL) as stream:
+            await stream.send_frame(b"still here")
+            assert await stream.receive_frame() == b"echo:still here"

@@ -669,6 +669,14 @@ class Subscription:
 # --- the host ----------------------------------------------------------------
 
 
+async def _refuse_stream(net_stream: Any) -> None:
+    """Handler left behind by ``remove_stream_handler``: reset and forget."""
+    try:
+        await net_stream.reset()
+    except Exception:  # noqa: BLE001 - the peer may already be gone
+        pass
+
+
 def _parse_peer_id(peer_id: str) -> ID:
     try:
         return ID.from_base58(peer_id)
@@ -917,7 +925,15 @@ class P2PHost:
         self._host.set_stream_handler(TProtocol(protocol_id), wrapped)
 
     def remove_stream_handler(self, protocol_id: str) -> None:
-        self._host.remove_stream_handler(TProtocol(protocol_id))
+        """Stop serving ``protocol_id``: later streams for it are reset.
+
+        The id is never removed from libp2p's table. py-libp2p 0.8.1's
+        multistream-select checks that a protocol is there, awaits a write,
+        then looks the handler up again; a handler removed in between raises
+        KeyError out of the swarm and tears the whole host down (seen when a
+        node shut its sync service while a peer was opening a sync stream).
+        """
+        self._host.set_stream_handler(TProtocol(protocol_id), _refuse_stream)
 
     def _wrap_handler(
         self, protocol_id: str, handler: StreamHandler
