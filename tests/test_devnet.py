@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -83,3 +84,21 @@ def test_five_processes_offers_payments_and_a_killed_provider(tmp_path):
     assert not [pid for pid in pids if alive(pid)], "processes left behind"
     result = CliRunner().invoke(cli, ["--data-dir", str(net.nodes[1].data_dir), "status"])
     assert result.exit_code == 1 and "not running" in result.output
+
+
+@pytest.mark.slow
+def test_sigterm_withdraws_the_offer_and_exits_within_two_seconds(tmp_path):
+    net = Devnet(tmp_path / "net", nodes=2, providers=1, heartbeat_s=0.5, offer_ttl_s=30.0)
+    try:
+        net.up()
+        consumer = net.nodes[1].client()
+        wait_until(lambda: bool(consumer.offers(None)), what="the offer")
+        provider = net.nodes[0].process
+        start = time.monotonic()
+        os.kill(provider.pid, signal.SIGTERM)
+        provider.wait(30)
+        assert time.monotonic() - start < 2.0 and provider.returncode == 0
+        # with a 30 s TTL, only the signed withdrawal can empty the book this fast
+        wait_until(lambda: not consumer.offers(None), timeout=5, what="the withdrawal")
+    finally:
+        net.down()
