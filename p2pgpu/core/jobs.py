@@ -1,0 +1,1043 @@
+"""Job sessions on ``/p2pgpu/job/1.0.0``: pure state machines, both sides.
+
+Theory of operation
+-------------------
+One job is one stream between a consumer C and a provider P (DESIGN §4).
+Each side is a sans-IO state machine (h11/aioquic style, STYLE.md): the edge
+reads the clock, moves frames and carries out *actions*; the session never
+touches a socket, a model or a clock. It is driven by three inputs:
+
+- ``receive(frame, now_ms)``: a frame from the peer,
+- API calls (consumer: ``start``/``cancel``; provider: ``accept``/``reject``/
+  ``tokens``/``finished``/``failed``/``cancel``), each taking ``now_ms``,
+- ``on_timer(now_ms)``, to be called once ``now_ms >= next_deadline()``.
+
+Every input returns a list of small frozen actions: ``Send`` (bytes for the
+peer), ``Deliver`` (tokens for the user), ``Pause``/``Resume``/
+``StopGeneration`` (for the provider's executor), ``Claim`` (the voucher the
+provider should CLAIM), ``ReleaseHold`` (consumer: take the hold back),
+``RequestReceived`` (provider: decide, then ``accept``/``reject``),
+``Completed`` and ``Failed``. Each session has ONE transition table,
+``(state, event) -> (handler, allowed next states)``; a pair missing from it
+is a protocol error (``ProtocolViolation`` for the peer's frames,
+``LocalProtocolError`` for our own API misuse). Handlers check everything
+before they change anything, so an input that raises leaves the session
+exactly as it was (the edge logs it and, for a peer's frame, closes the
+stream and calls ``connection_lost``).
+
+The exchange::
+
+    C: REQUEST (signed; embeds C's HOLD entry naming P)       -> P
+    P: ACCEPT | REJECT(code, text, waiver of the hold)         -> C
+    P: TOKENS(seq, text, count, total) ...                     -> C
+    C: VOUCHER(cumulative, signed for the hold) ...            -> P
+    P: RECEIPT (signed: counts, durations, output hash, cost)  -> C
+    C: VOUCHER(final = job_cost(prompt, delivered))            -> P; P CLAIMs it
+    either side, any time before the receipt: CANCEL(code, text)
+    P, when the backend fails: ERROR(code, text, waiver if nothing was sent)
+
+Design choices, and why
+-----------------------
+- **The prompt is outside the signature.** ``sign_object`` caps a signed
+  object at 16 KiB, far below a real chat history. The signed request carries
+  BLAKE2b-256 of the body (prompt or messages); the body rides in the same
+  REQUEST frame (up to ``MAX_BODY``) and P checks the hash. The signature
+  still binds C to exactly that prompt.
+- **Money is priced by one function**, ``job_cost``: ceil((price_in * in +
+  price_out * out) / 1e6), one rounding over the sum, integer only. It is
+  monotonic in both counts, so cumulative vouchers never go down.
+- **Streaming vouchers price output tokens only** (``job_cost(p, 0, n)``):
+  Ollama reports ``prompt_eval_count`` only at the end. The final voucher,
+  sent after the receipt, adds the input tokens, bounded by the request's
+  ``max_prompt_tokens`` so a provider cannot inflate it past the hold.
+- **C pays for what it received, never for what P says it sent.** Output
+  tokens are counted from TOKENS frames (``seq`` catches a lost frame,
+  ``total`` must equal the running sum and stay within ``max_tokens``). So
+  the last voucher is always ``job_cost`` of tokens actually delivered, and
+  P can claim nothing above it (the ledger refuses a CLAIM above the voucher
+  or hold: a voucher is signed by C only).
+- **P derives coverage from the amount** (``covered_tokens``), not from a
+  field C could lie about: ``n`` output tokens are covered iff
+  ``job_cost(p, 0, n) <= amount``. P pauses once ``sent - covered`` reaches
+  the request's ``credit_window`` (tokens produced meanwhile are buffered in
+  the session, so the window is exact whatever the executor's lag), resumes
+  when a voucher catches up, and stops after ``pause_grace_ms``.
+- **No PAUSE frame.** Pausing is P's local business; C sees a quiet stream,
+  and its stall deadline covers a P that never resumes.
+- **A stop is reported by the backend.** After ``StopGeneration`` the
+  executor still calls ``finished`` (Ollama reports whatever counts it has);
+  P then signs a receipt for the tokens it *sent* (buffered ones are
+  dropped), so cancel from either side pays exactly the delivered tokens.
+- **Deadlines** (consumer): first token (covers accept as well), stalled
+  stream, and receipt after a cancel; each ends in ``Failed``. Provider:
+  pause grace and settle (waiting for the final voucher; on expiry it claims
+  the last one it has).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, NamedTuple
+
+from p2pgpu.core.codec import (
+    ID_SIZE,
+    MAX_INT,
+    MAX_SIGNED_SIZE,
+    Signed,
+    Tag,
+    check_bytes,
+    check_int,
+    check_list,
+    check_str,
+    decode_signed,
+    pack,
+    sign_object,
+    unpack,
+)
+from p2pgpu.core.identity import NodeKey
+from p2pgpu.core.ledger import HOLD, MAX_AMOUNT, Entry, Hold, decode_entry, make_voucher, make_waiver, parse_waiver
+from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS, MAX_PRICE, normalize_model_name
+from p2pgpu.errors import MalformedInput, P2PGPUError, PeerMisbehaved
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Prices", "job_cost", "covered_tokens", "output_hash",
+    "JobRequest", "Receipt", "make_request", "decode_request", "make_receipt", "decode_receipt",
+    "ConsumerSession", "ProviderSession", "ConsumerState", "ProviderState", "SessionConfig",
+    "Send", "Deliver", "Pause", "Resume", "StopGeneration", "Claim", "ReleaseHold",
+    "RequestReceived", "Completed", "Failed",
+    "ProtocolViolation", "LocalProtocolError",
+]
+
+# ------------------------------------------------------------------ limits
+
+JOB_ID_SIZE = 16
+MAX_JOB_FRAME = 1024 * 1024  # = protocols.MAX_FRAME; the framing layer enforces it first
+MAX_BODY = 512 * 1024  # prompt or packed chat messages
+MAX_MESSAGES = 1024
+MAX_ROLE_CHARS = 32
+MAX_TOKENS_TEXT = 64 * 1024  # characters in one TOKENS frame
+MAX_TOKENS_PER_FRAME = 4096
+MAX_JOB_TOKENS = 1 << 24
+MAX_REASON_CHARS = 256
+MAX_WIRE = 4096  # an embedded signed object (hold entry, voucher, waiver)
+MILLION = 1_000_000
+
+KINDS = ("generate", "chat")
+
+# Frame types (first element of every frame's array).
+REQUEST, ACCEPT, REJECT, TOKENS, VOUCHER, CANCEL, RECEIPT, ERROR = range(1, 9)
+FRAME_NAMES = {1: "request", 2: "accept", 3: "reject", 4: "tokens", 5: "voucher", 6: "cancel", 7: "receipt", 8: "error"}
+
+# Reason codes for REJECT / CANCEL / ERROR.
+R_OTHER, R_BUSY, R_PRICE, R_MODEL, R_HOLD, R_USER, R_UNPAID, R_BACKEND, R_TIMEOUT = range(9)
+REASON_NAMES = {
+    0: "other", 1: "busy", 2: "price", 3: "model", 4: "hold",
+    5: "user", 6: "unpaid", 7: "backend", 8: "timeout",
+}
+
+# Receipt status.
+DONE, CANCELLED = 0, 1
+
+
+class ProtocolViolation(PeerMisbehaved):
+    """The peer sent a well-formed frame that is wrong here: another job's
+    id, a frame this state does not allow, a sequence gap, a bad count."""
+
+
+class LocalProtocolError(P2PGPUError):
+    """Our own side called the session API out of turn (a bug in the edge)."""
+
+
+# ------------------------------------------------------------------ pricing
+
+
+class Prices(NamedTuple):
+    """Base units per million input and output tokens (as in an offer)."""
+
+    price_in: int
+    price_out: int
+
+
+def job_cost(prices: Prices, in_tokens: int, out_tokens: int) -> int:
+    """What a job of these token counts costs, in integer base units, rounded
+    up: ``ceil((price_in*in + price_out*out) / 1e6)``. The one formula both
+    sides use for vouchers, receipts and holds."""
+    for value, name in ((in_tokens, "input tokens"), (out_tokens, "output tokens"),
+                        (prices.price_in, "input price"), (prices.price_out, "output price")):
+        check_int(value, name)
+    return -(-(prices.price_in * in_tokens + prices.price_out * out_tokens) // MILLION)
+
+
+def covered_tokens(prices: Prices, amount: int) -> int:
+    """The most output tokens ``amount`` pays for: the largest ``n`` with
+    ``job_cost(prices, 0, n) <= amount`` (unbounded when output is free)."""
+    if prices.price_out == 0:
+        return MAX_INT
+    return amount * MILLION // prices.price_out
+
+
+def output_hash(text: str) -> bytes:
+    """BLAKE2b-256 of the UTF-8 output text, as the receipt names it."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=32).digest()
+
+
+def body_hash(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=32).digest()
+
+
+# ------------------------------------------------------------------ signed objects
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A decoded, verified job request (consumer's signature checked)."""
+
+    signed: Signed
+    job_id: bytes
+    model: str
+    kind: str
+    prompt: str | None  # kind "generate"
+    messages: tuple[tuple[str, str], ...] | None  # kind "chat": (role, content)
+    max_prompt_tokens: int
+    max_tokens: int
+    prices: Prices
+    credit_window: int
+    hold: Entry
+
+    @property
+    def consumer(self) -> bytes:
+        return self.signed.signer
+
+    @property
+    def hold_id(self) -> bytes:
+        return self.hold.id
+
+    @property
+    def max_cost(self) -> int:
+        return job_cost(self.prices, self.max_prompt_tokens, self.max_tokens)
+
+
+def _encode_body(kind: str, prompt: str | None, messages) -> bytes:
+    if kind == "generate":
+        if not isinstance(prompt, str) or messages is not None:
+            raise MalformedInput("a generate job has a prompt and no messages")
+        body = pack(prompt)
+    elif kind == "chat":
+        if prompt is not None or messages is None:
+            raise MalformedInput("a chat job has messages and no prompt")
+        body = pack([[role, content] for role, content in messages])
+    else:
+        raise MalformedInput(f"job kind must be one of {KINDS}, not {kind!r}")
+    if len(body) > MAX_BODY:
+        raise MalformedInput(f"job body of {len(body)} bytes exceeds {MAX_BODY}")
+    return body
+
+
+def _decode_body(kind: str, body: bytes):
+    value = unpack(body, max_size=MAX_BODY, what="job body")
+    if pack(value) != body:
+        raise MalformedInput("job body is not canonical msgpack")
+    if kind == "generate":
+        return check_str(value, "prompt", MAX_BODY), None
+    check_list(value, "messages", max_len=MAX_MESSAGES)
+    messages = []
+    for item in value:
+        check_list(item, "message", length=2)
+        messages.append((check_str(item[0], "role", MAX_ROLE_CHARS), check_str(item[1], "content", MAX_BODY)))
+    return None, tuple(messages)
+
+
+def make_request(
+    key: NodeKey,
+    network_id: bytes,
+    now_ms: int,
+    *,
+    job_id: bytes,
+    model: str,
+    hold: Entry,
+    prices: Prices,
+    max_prompt_tokens: int,
+    max_tokens: int,
+    credit_window: int,
+    prompt: str | None = None,
+    messages=None,
+) -> tuple[Signed, bytes]:
+    """Sign a job request; returns (signed request, body bytes)."""
+    kind = "chat" if messages is not None else "generate"
+    body = _encode_body(kind, prompt, messages)
+    signed = sign_object(key, Tag.JOB_REQUEST, network_id, now_ms, [
+        job_id, normalize_model_name(model), kind, body_hash(body), max_prompt_tokens, max_tokens,
+        prices.price_in, prices.price_out, credit_window, hold.wire,
+    ])
+    decode_request(signed.wire, body, network_id)  # the author gets the same checks as the reader
+    return signed, body
+
+
+def decode_request(wire: bytes, body: bytes, network_id: bytes) -> JobRequest:
+    """Decode and verify a job request and its body. Checks the hold is the
+    requester's HOLD for this job and covers the job's maximum cost; whether
+    P is the hold's provider is the provider session's business."""
+    signed = decode_signed(wire, network_id=network_id, tags=(Tag.JOB_REQUEST,))
+    fields = check_list(list(signed.fields), "request fields", length=10)
+    job_id, model, kind, bhash, max_prompt, max_tokens, price_in, price_out, window, hold_wire = fields
+    check_bytes(job_id, "job id", size=JOB_ID_SIZE)
+    check_str(model, "model", MAX_MODEL_NAME_CHARS)
+    if not model or normalize_model_name(model) != model:
+        raise MalformedInput(f"model name {model!r} is not normalized")
+    if kind not in KINDS:
+        raise MalformedInput(f"job kind must be one of {KINDS}")
+    check_bytes(bhash, "body hash", size=32)
+    check_int(max_prompt, "max prompt tokens", 0, MAX_JOB_TOKENS)
+    check_int(max_tokens, "max tokens", 1, MAX_JOB_TOKENS)
+    prices = Prices(check_int(price_in, "input price", 0, MAX_PRICE), check_int(price_out, "output price", 0, MAX_PRICE))
+    check_int(window, "credit window", 1, MAX_JOB_TOKENS)
+    check_bytes(hold_wire, "hold", max_size=MAX_WIRE)
+    check_bytes(body, "job body", max_size=MAX_BODY)
+    if body_hash(body) != bhash:
+        raise MalformedInput("job body does not match the signed hash")
+    prompt, messages = _decode_body(kind, body)
+    hold = decode_entry(hold_wire, network_id)
+    if hold.kind != HOLD or hold.author != signed.signer:
+        raise MalformedInput("embedded entry is not the requester's HOLD")
+    body_h: Hold = hold.body  # type: ignore[assignment]
+    if body_h.job_id != job_id:
+        raise MalformedInput("the hold is for another job")
+    request = JobRequest(signed, job_id, model, kind, prompt, messages, max_prompt, max_tokens, prices, window, hold)
+    if request.max_cost > body_h.amount:
+        raise MalformedInput(f"hold of {body_h.amount} does not cover the job's maximum cost {request.max_cost}")
+    return request
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A provider's signed account of one job."""
+
+    signed: Signed
+    job_id: bytes
+    hold_id: bytes
+    status: int  # DONE or CANCELLED
+    prompt_eval_count: int
+    eval_count: int
+    output_tokens: int  # tokens actually sent in TOKENS frames
+    durations_ns: tuple[int, int, int, int]  # total, load, prompt_eval, eval (Ollama's)
+    output_hash: bytes
+    cost: int
+
+
+def make_receipt(key, network_id, now_ms, *, job_id, hold_id, status, prompt_eval_count, eval_count,
+                 output_tokens, durations_ns, out_hash, cost) -> Signed:
+    return sign_object(key, Tag.JOB_RECEIPT, network_id, now_ms, [
+        job_id, hold_id, status, prompt_eval_count, eval_count, output_tokens, list(durations_ns), out_hash, cost,
+    ])
+
+
+def decode_receipt(wire: bytes, network_id: bytes) -> Receipt:
+    signed = decode_signed(wire, network_id=network_id, tags=(Tag.JOB_RECEIPT,))
+    fields = check_list(list(signed.fields), "receipt fields", length=9)
+    job_id, hold_id, status, pec, ec, out, durations, ohash, cost = fields
+    check_list(durations, "durations", length=4)
+    return Receipt(
+        signed, check_bytes(job_id, "job id", size=JOB_ID_SIZE), check_bytes(hold_id, "hold id", size=ID_SIZE),
+        check_int(status, "status", DONE, CANCELLED), check_int(pec, "prompt eval count", 0, MAX_JOB_TOKENS),
+        check_int(ec, "eval count", 0, MAX_JOB_TOKENS), check_int(out, "output tokens", 0, MAX_JOB_TOKENS),
+        tuple(check_int(d, "duration") for d in durations),  # type: ignore[arg-type]
+        check_bytes(ohash, "output hash", size=32), check_int(cost, "cost", 0, MAX_AMOUNT),
+    )
+
+
+# ------------------------------------------------------------------ frames
+# Unsigned frames: positional arrays [type, job_id, ...]. REQUEST carries the
+# signed request and the body; RECEIPT/VOUCHER/REJECT carry signed wires.
+
+_FRAME_LEN = {REQUEST: 4, ACCEPT: 2, REJECT: 5, TOKENS: 6, VOUCHER: 3, CANCEL: 4, RECEIPT: 3, ERROR: 5}
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame; ``args`` are the fields after type and job id,
+    shape-checked (signed parts are decoded by the session)."""
+
+    type: int
+    job_id: bytes
+    args: tuple
+
+
+def encode_frame(type_: int, job_id: bytes, *args: Any) -> bytes:
+    return pack([type_, job_id, *args])
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Decode one job frame with hard limits; every malformed input raises a
+    ``MalformedInput`` subclass."""
+    value = unpack(data, max_size=MAX_JOB_FRAME, what="job frame")
+    check_list(value, "job frame", max_len=8)
+    if len(value) < 2:
+        raise MalformedInput("job frame: expected at least 2 items")
+    type_ = check_int(value[0], "frame type", 0, 255)
+    if type_ not in _FRAME_LEN:
+        raise MalformedInput(f"unknown job frame type {type_}")
+    check_list(value, f"{FRAME_NAMES[type_]} frame", length=_FRAME_LEN[type_])
+    job_id = check_bytes(value[1], "job id", size=JOB_ID_SIZE)
+    a = value[2:]
+    if type_ == REQUEST:
+        check_bytes(a[0], "request", max_size=MAX_SIGNED_SIZE)
+        check_bytes(a[1], "job body", max_size=MAX_BODY)
+    elif type_ == REJECT or type_ == ERROR:
+        check_int(a[0], "reason code", 0, 255)
+        check_str(a[1], "reason", MAX_REASON_CHARS)
+        check_bytes(a[2], "waiver", max_size=MAX_WIRE)
+    elif type_ == TOKENS:
+        check_int(a[0], "seq", 0, MAX_JOB_TOKENS)
+        check_str(a[1], "text", MAX_TOKENS_TEXT)
+        check_int(a[2], "count", 1, MAX_TOKENS_PER_FRAME)
+        check_int(a[3], "total", 1, MAX_JOB_TOKENS)
+    elif type_ == VOUCHER or type_ == RECEIPT:
+        check_bytes(a[0], FRAME_NAMES[type_], max_size=MAX_WIRE)
+    elif type_ == CANCEL:
+        check_int(a[0], "reason code", 0, 255)
+        check_str(a[1], "reason", MAX_REASON_CHARS)
+    return Frame(type_, job_id, tuple(a))
+
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write these bytes to the job stream, as one frame."""
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Consumer: hand these tokens to the user."""
+    text: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Provider: stop pulling from the model stream for now (credit window full)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Provider: go on generating (a voucher caught up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopGeneration:
+    """Provider: abort generation, then call ``finished`` with Ollama's counts."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Provider: append a CLAIM of ``hold_id`` with this voucher (the last, largest one)."""
+    hold_id: bytes
+    voucher: Signed
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseHold:
+    """Consumer: the job is over; release ``hold_id`` (with ``waiver`` when the
+    provider gave one, else after the provider's CLAIM or the hold's expiry).
+    ``paid`` is the last voucher's amount."""
+    hold_id: bytes
+    waiver: bytes | None
+    paid: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """Provider: a valid request arrived; check it against the offer, slots
+    and the ledger replica, then call ``accept`` or ``reject``."""
+    request: JobRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """Consumer: the job ran to its end; ``paid`` (the final voucher) equals
+    ``job_cost`` of the delivered tokens and the reported prompt tokens."""
+    receipt: Receipt
+    paid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Consumer: the job ended without completing. ``retryable`` says whether
+    another provider is worth trying (false only when our user cancelled);
+    ``receipt`` is there when the provider sent one for a cancelled job."""
+    reason: str
+    retryable: bool
+    receipt: Receipt | None = None
+    paid: int = 0
+
+
+Action = Send | Deliver | Pause | Resume | StopGeneration | Claim | ReleaseHold | RequestReceived | Completed | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Timing of a session, in milliseconds."""
+
+    first_token_ms: int = 30_000  # consumer: start -> first TOKENS frame
+    stall_ms: int = 15_000  # consumer: longest gap between frames while streaming
+    receipt_ms: int = 10_000  # consumer: cancel -> receipt
+    pause_grace_ms: int = 10_000  # provider: paused this long -> stop
+    settle_ms: int = 10_000  # provider: receipt -> final voucher
+    voucher_every: int | None = None  # consumer: tokens per voucher; default half the credit window
+
+
+# ------------------------------------------------------------------ machinery
+
+TIMER = "timer"
+
+
+class _Machine:
+    """Table dispatch shared by both sessions. ``_TABLE`` maps (state, event)
+    to (handler name, allowed next states); handlers return (next, actions)
+    and must not mutate before they have validated."""
+
+    _TABLE: dict
+    _REMOTE_EVENTS: frozenset
+    state: Enum
+
+    def _dispatch(self, event, *args) -> list[Action]:
+        entry = self._TABLE.get((self.state, event))
+        if entry is None:
+            name = FRAME_NAMES.get(event, event)  # type: ignore[call-overload]
+            if event in self._REMOTE_EVENTS:
+                raise ProtocolViolation(f"{name} frame is not allowed in state {self.state.name}")
+            raise LocalProtocolError(f"{name} is not allowed in state {self.state.name}")
+        handler, allowed = entry
+        next_state, actions = getattr(self, handler)(*args)
+        assert next_state in allowed, (self.state, event, next_state)
+        if next_state is not self.state:
+            log.debug("job %s: %s -> %s on %s", self.job_id.hex()[:8], self.state.name, next_state.name, event)
+        self.state = next_state
+        return actions
+
+    job_id: bytes
+
+    def _frame(self, data: bytes) -> Frame:
+        frame = decode_frame(data)
+        if frame.job_id != self.job_id:
+            raise ProtocolViolation("frame names another job")
+        return frame
+
+
+# ------------------------------------------------------------------ consumer
+
+
+class ConsumerState(Enum):
+    IDLE = "idle"
+    REQUESTED = "requested"  # request sent, no answer yet
+    ACCEPTED = "accepted"  # accepted, no token yet
+    STREAMING = "streaming"
+    CLOSING = "closing"  # we or P cancelled; waiting for the receipt
+    DONE = "done"  # Completed or Failed emitted
+
+
+_C = ConsumerState
+_C_LIVE = (_C.REQUESTED, _C.ACCEPTED, _C.STREAMING)
+
+# Events: frame types (remote), "start", "cancel", "lost", TIMER (local).
+_CONSUMER_TABLE: dict = {
+    (_C.IDLE, "start"): ("_start", {_C.REQUESTED}),
+    (_C.REQUESTED, ACCEPT): ("_on_accept", {_C.ACCEPTED}),
+    (_C.REQUESTED, REJECT): ("_on_reject", {_C.DONE}),
+    (_C.ACCEPTED, TOKENS): ("_on_tokens", {_C.STREAMING}),
+    (_C.STREAMING, TOKENS): ("_on_tokens", {_C.STREAMING}),
+    (_C.CLOSING, TOKENS): ("_on_tokens", {_C.CLOSING}),  # in flight when we cancelled: count, don't deliver
+    (_C.ACCEPTED, RECEIPT): ("_on_receipt", {_C.DONE}),  # zero output tokens
+    (_C.STREAMING, RECEIPT): ("_on_receipt", {_C.DONE}),
+    (_C.CLOSING, RECEIPT): ("_on_receipt", {_C.DONE}),
+    (_C.ACCEPTED, CANCEL): ("_on_cancel", {_C.CLOSING}),
+    (_C.STREAMING, CANCEL): ("_on_cancel", {_C.CLOSING}),
+    (_C.CLOSING, CANCEL): ("_on_cancel", {_C.CLOSING}),  # both cancelled at once
+    (_C.ACCEPTED, ERROR): ("_on_error", {_C.DONE}),
+    (_C.STREAMING, ERROR): ("_on_error", {_C.DONE}),
+    (_C.CLOSING, ERROR): ("_on_error", {_C.DONE}),
+    **{(s, "cancel"): ("_cancel", {_C.CLOSING, _C.DONE}) for s in _C_LIVE},
+    **{(s, "lost"): ("_lost", {_C.DONE}) for s in (*_C_LIVE, _C.CLOSING)},
+    **{(s, TIMER): ("_timer", {s, _C.DONE}) for s in (*_C_LIVE, _C.CLOSING)},
+}
+
+
+class ConsumerSession(_Machine):
+    """The consumer's side of one job.
+
+    Build it with the signed request (``make_request``); ``start`` sends it.
+    Outputs end with exactly one ``Completed`` or ``Failed``, always preceded
+    by one ``ReleaseHold`` hint: with the provider's waiver when it gave one
+    (release at once), else release after its CLAIM or the hold's expiry.
+    """
+
+    _TABLE = _CONSUMER_TABLE
+    _REMOTE_EVENTS = frozenset(FRAME_NAMES)
+
+    def __init__(self, key: NodeKey, network_id: bytes, request: Signed, body: bytes,
+                 config: SessionConfig = SessionConfig()) -> None:
+        self.key = key
+        self.network_id = network_id
+        self.request = decode_request(request.wire, body, network_id)
+        if self.request.consumer != key.public_key:
+            raise LocalProtocolError("the request is not signed by this consumer")
+        self._request_frame = encode_frame(REQUEST, self.request.job_id, request.wire, body)
+        self.job_id = self.request.job_id
+        self.hold_id = self.request.hold_id
+        self.provider: bytes = self.request.hold.body.provider  # type: ignore[union-attr]
+        self.prices = self.request.prices
+        self.config = config
+        self.voucher_every = config.voucher_every or max(1, self.request.credit_window // 2)
+        self.state = _C.IDLE
+        self.received = 0  # output tokens received
+        self.next_seq = 0
+        self.paid = 0  # amount of the last voucher sent
+        self.paid_tokens = 0  # output tokens the last streaming voucher priced
+        self.last_voucher: Signed | None = None
+        self._hash = hashlib.blake2b(digest_size=32)
+        self.deadline: int | None = None
+        self.cancel_reason: str | None = None
+        self._retry_after_cancel = False
+
+    # --- inputs
+    def start(self, now_ms: int) -> list[Action]:
+        return self._dispatch("start", now_ms)
+
+    def cancel(self, now_ms: int, reason: str = "cancelled by the user") -> list[Action]:
+        return self._dispatch("cancel", now_ms, reason)
+
+    def connection_lost(self, now_ms: int) -> list[Action]:
+        """The stream ended or broke (or the edge gave up on a bad frame)."""
+        if self.state in (_C.IDLE, _C.DONE):
+            return []
+        return self._dispatch("lost", now_ms)
+
+    def receive(self, data: bytes, now_ms: int) -> list[Action]:
+        frame = self._frame(data)
+        return self._dispatch(frame.type, frame, now_ms)
+
+    def next_deadline(self) -> int | None:
+        return self.deadline
+
+    def on_timer(self, now_ms: int) -> list[Action]:
+        if self.deadline is None or now_ms < self.deadline:
+            return []
+        return self._dispatch(TIMER, now_ms)
+
+    def snapshot(self) -> tuple:
+        """Everything that changes, for tests that check a refused input changed nothing."""
+        return (self.state, self.received, self.next_seq, self.paid, self.paid_tokens,
+                self._hash.digest(), self.deadline, self.cancel_reason)
+
+    # --- helpers
+    def _voucher(self, amount: int, now_ms: int) -> list[Action]:
+        if amount <= self.paid:
+            return []
+        self.last_voucher = make_voucher(self.key, self.network_id, self.hold_id, amount, now_ms)
+        self.paid = amount
+        return [Send(encode_frame(VOUCHER, self.job_id, self.last_voucher.wire))]
+
+    def _end(self, outcome: Action, waiver: bytes | None = None) -> tuple[ConsumerState, list[Action]]:
+        self.deadline = None
+        return _C.DONE, [ReleaseHold(self.hold_id, waiver, self.paid), outcome]
+
+    # --- handlers
+    def _start(self, now_ms):
+        self.deadline = now_ms + self.config.first_token_ms
+        log.info("job %s: requesting %s", self.job_id.hex()[:8], self.request.model)
+        return _C.REQUESTED, [Send(self._request_frame)]
+
+    def _on_accept(self, frame, now_ms):
+        return _C.ACCEPTED, []
+
+    def _check_waiver(self, raw: bytes) -> bytes | None:
+        if not raw:
+            return None
+        waiver = parse_waiver(raw, self.network_id)
+        waiver.verify()
+        if waiver.signer != self.provider or waiver.fields[0] != self.hold_id:
+            raise ProtocolViolation("waiver is not the provider's waiver of this hold")
+        return raw
+
+    def _on_reject(self, frame, now_ms):
+        code, text, raw = frame.args
+        waiver = self._check_waiver(raw)
+        reason = f"rejected ({REASON_NAMES.get(code, code)}): {text}"
+        return self._end(Failed(reason, retryable=True), waiver)
+
+    def _on_tokens(self, frame, now_ms):
+        seq, text, count, total = frame.args
+        if seq != self.next_seq:
+            raise ProtocolViolation(f"tokens frame {seq} where {self.next_seq} was due")
+        if total != self.received + count:
+            raise ProtocolViolation(f"running total {total} does not match {self.received} + {count}")
+        if total > self.request.max_tokens:
+            raise ProtocolViolation(f"{total} output tokens exceed the request's {self.request.max_tokens}")
+        self.next_seq += 1
+        self.received = total
+        self._hash.update(text.encode("utf-8"))
+        actions: list[Action] = []
+        if self.state is _C.CLOSING:
+            next_state = _C.CLOSING
+        else:
+            next_state = _C.STREAMING
+            self.deadline = now_ms + self.config.stall_ms
+            actions.append(Deliver(text, count))
+        if self.received - self.paid_tokens >= self.voucher_every:
+            self.paid_tokens = self.received
+            actions += self._voucher(job_cost(self.prices, 0, self.received), now_ms)
+        return next_state, actions
+
+    def _on_receipt(self, frame, now_ms):
+        receipt = decode_receipt(frame.args[0], self.network_id)
+        if receipt.signed.signer != self.provider:
+            raise ProtocolViolation("receipt is not signed by the provider")
+        if receipt.job_id != self.job_id or receipt.hold_id != self.hold_id:
+            raise ProtocolViolation("receipt is for another job or hold")
+        if receipt.output_tokens != self.received or receipt.output_hash != self._hash.digest():
+            raise ProtocolViolation("receipt does not match the tokens received")
+        # Pay for what arrived; input tokens as reported, capped by the request.
+        in_tokens = min(receipt.prompt_eval_count, self.request.max_prompt_tokens)
+        actions = self._voucher(job_cost(self.prices, in_tokens, self.received), now_ms)
+        if self.cancel_reason is not None:
+            outcome: Action = Failed(self.cancel_reason, retryable=self._retry_after_cancel, receipt=receipt, paid=self.paid)
+        elif receipt.status != DONE:
+            outcome = Failed("provider stopped the job", retryable=True, receipt=receipt, paid=self.paid)
+        else:
+            log.info("job %s: completed, %d tokens, paid %d", self.job_id.hex()[:8], self.received, self.paid)
+            outcome = Completed(receipt, self.paid)
+        state, end = self._end(outcome)
+        return state, actions + end
+
+    def _cancel(self, now_ms, reason):
+        actions: list[Action] = [Send(encode_frame(CANCEL, self.job_id, R_USER, reason[:MAX_REASON_CHARS]))]
+        if self.state is _C.REQUESTED:  # nothing ran: no receipt will come
+            state, end = self._end(Failed(reason, retryable=False))
+            return state, actions + end
+        self.cancel_reason, self._retry_after_cancel = reason, False
+        self.deadline = now_ms + self.config.receipt_ms
+        return _C.CLOSING, actions
+
+    def _on_cancel(self, frame, now_ms):
+        code, text = frame.args
+        if self.cancel_reason is None:
+            self.cancel_reason = f"cancelled by the provider ({REASON_NAMES.get(code, code)}): {text}"
+            self._retry_after_cancel = True
+        self.deadline = now_ms + self.config.receipt_ms
+        return _C.CLOSING, []
+
+    def _on_error(self, frame, now_ms):
+        code, text, raw = frame.args
+        waiver = self._check_waiver(raw)
+        return self._end(Failed(f"provider failed ({REASON_NAMES.get(code, code)}): {text}", retryable=True, paid=self.paid), waiver)
+
+    def _lost(self, now_ms):
+        retryable = self._retry_after_cancel if self.cancel_reason is not None else True
+        return self._end(Failed("connection lost", retryable=retryable, paid=self.paid))
+
+    def _timer(self, now_ms):
+        if self.state is _C.CLOSING:
+            return self._end(Failed(f"{self.cancel_reason} (no receipt)", retryable=self._retry_after_cancel, paid=self.paid))
+        what = "stalled stream" if self.state is _C.STREAMING else "no first token"
+        log.info("job %s: %s", self.job_id.hex()[:8], what)
+        state, end = self._end(Failed(f"timeout: {what}", retryable=True, paid=self.paid))
+        return state, [Send(encode_frame(CANCEL, self.job_id, R_TIMEOUT, what))] + end
+
+
+# ------------------------------------------------------------------ provider
+
+
+class ProviderState(Enum):
+    WAITING = "waiting"  # no request yet
+    DECIDING = "deciding"  # request valid, RequestReceived emitted
+    RUNNING = "running"  # accepted, generating
+    PAUSED = "paused"  # credit window full
+    STOPPING = "stopping"  # StopGeneration emitted, waiting for ``finished``
+    SETTLING = "settling"  # receipt sent, waiting for the final voucher
+    DONE = "done"
+
+
+_P = ProviderState
+_P_GEN = (_P.RUNNING, _P.PAUSED)
+
+_PROVIDER_TABLE: dict = {
+    (_P.WAITING, REQUEST): ("_on_request", {_P.DECIDING}),
+    (_P.DECIDING, "accept"): ("_accept", {_P.RUNNING}),
+    (_P.DECIDING, "reject"): ("_reject", {_P.DONE}),
+    (_P.DECIDING, CANCEL): ("_on_cancel_early", {_P.DONE}),
+    (_P.RUNNING, "tokens"): ("_tokens", {_P.RUNNING, _P.PAUSED}),
+    (_P.PAUSED, "tokens"): ("_tokens", {_P.PAUSED}),  # already pulled from the model: buffered
+    (_P.STOPPING, "tokens"): ("_drop_tokens", {_P.STOPPING}),  # generated after the stop: never sent
+    (_P.RUNNING, VOUCHER): ("_on_voucher", {_P.RUNNING}),
+    (_P.PAUSED, VOUCHER): ("_on_voucher", {_P.RUNNING, _P.PAUSED}),
+    (_P.STOPPING, VOUCHER): ("_on_voucher", {_P.STOPPING}),
+    (_P.SETTLING, VOUCHER): ("_on_voucher", {_P.SETTLING, _P.DONE}),
+    (_P.DONE, VOUCHER): ("_ignore", {_P.DONE}),  # a late final voucher after we gave up waiting
+    **{(s, CANCEL): ("_on_cancel", {_P.STOPPING}) for s in _P_GEN},
+    (_P.STOPPING, CANCEL): ("_ignore", {_P.STOPPING}),  # we stopped too
+    (_P.SETTLING, CANCEL): ("_ignore", {_P.SETTLING}),  # crossed our receipt
+    (_P.DONE, CANCEL): ("_ignore", {_P.DONE}),
+    **{(s, "cancel"): ("_cancel", {_P.STOPPING}) for s in _P_GEN},
+    **{(s, "finished"): ("_finished", {_P.SETTLING, _P.DONE}) for s in (*_P_GEN, _P.STOPPING)},
+    **{(s, "failed"): ("_failed", {_P.DONE}) for s in (*_P_GEN, _P.STOPPING)},
+    **{(s, "lost"): ("_lost", {_P.DONE}) for s in (_P.DECIDING, *_P_GEN, _P.STOPPING, _P.SETTLING)},
+    (_P.PAUSED, TIMER): ("_timer", {_P.PAUSED, _P.STOPPING}),
+    (_P.SETTLING, TIMER): ("_timer", {_P.SETTLING, _P.DONE}),
+}
+
+
+class ProviderSession(_Machine):
+    """The provider's side of one job.
+
+    ``receive`` the REQUEST; after ``RequestReceived`` check it against the
+    offer and ledger and call ``accept``/``reject``. Feed model output with
+    ``tokens`` and end with ``finished`` (always, also after
+    ``StopGeneration``) or ``failed``. Ends with at most one ``Claim``.
+    """
+
+    _TABLE = _PROVIDER_TABLE
+    _REMOTE_EVENTS = frozenset(FRAME_NAMES)
+
+    def __init__(self, key: NodeKey, network_id: bytes, config: SessionConfig = SessionConfig()) -> None:
+        self.key = key
+        self.network_id = network_id
+        self.config = config
+        self.state = _P.WAITING
+        self.job_id = b""
+        self.request: JobRequest | None = None
+        self.sent = 0  # output tokens sent
+        self.seq = 0
+        self.buffer: tuple[tuple[str, int], ...] = ()  # produced while paused
+        self.paid = 0
+        self.voucher: Signed | None = None
+        self.deadline: int | None = None
+        self.stop_reason: int | None = None
+        self.cancelled = False
+        self.final_cost = 0
+        self._hash = hashlib.blake2b(digest_size=32)
+
+    # --- inputs
+    def receive(self, data: bytes, now_ms: int) -> list[Action]:
+        frame = decode_frame(data)
+        if self.state is _P.WAITING:
+            if frame.type != REQUEST:
+                raise ProtocolViolation(f"{FRAME_NAMES[frame.type]} frame before the request")
+        elif frame.job_id != self.job_id:
+            raise ProtocolViolation("frame names another job")
+        return self._dispatch(frame.type, frame, now_ms)
+
+    def accept(self, now_ms: int) -> list[Action]:
+        return self._dispatch("accept", now_ms)
+
+    def reject(self, now_ms: int, code: int, text: str) -> list[Action]:
+        return self._dispatch("reject", now_ms, code, text)
+
+    def tokens(self, now_ms: int, text: str, count: int = 1) -> list[Action]:
+        """Model output: ``count`` tokens of ``text`` (one Ollama stream chunk)."""
+        return self._dispatch("tokens", now_ms, text, count)
+
+    def finished(self, now_ms: int, prompt_eval_count: int, eval_count: int,
+                 durations_ns: tuple[int, int, int, int] = (0, 0, 0, 0)) -> list[Action]:
+        return self._dispatch("finished", now_ms, prompt_eval_count, eval_count, durations_ns)
+
+    def failed(self, now_ms: int, reason: str) -> list[Action]:
+        return self._dispatch("failed", now_ms, reason)
+
+    def cancel(self, now_ms: int, reason: str, code: int = R_OTHER) -> list[Action]:
+        return self._dispatch("cancel", now_ms, code, reason)
+
+    def connection_lost(self, now_ms: int) -> list[Action]:
+        if self.state in (_P.WAITING, _P.DONE):
+            return []
+        return self._dispatch("lost", now_ms)
+
+    def next_deadline(self) -> int | None:
+        return self.deadline
+
+    def on_timer(self, now_ms: int) -> list[Action]:
+        if self.deadline is None or now_ms < self.deadline:
+            return []
+        return self._dispatch(TIMER, now_ms)
+
+    def snapshot(self) -> tuple:
+        return (self.state, self.job_id, self.sent, self.seq, self.buffer, self.paid,
+                self.deadline, self.stop_reason, self.cancelled, self._hash.digest())
+
+    # --- helpers
+    @property
+    def covered(self) -> int:
+        assert self.request is not None
+        return covered_tokens(self.request.prices, self.paid)
+
+    def _window_full(self) -> bool:
+        assert self.request is not None
+        return self.sent - self.covered >= self.request.credit_window
+
+    def _send_tokens(self, text: str, count: int) -> Send:
+        assert self.request is not None
+        if self.sent + count > self.request.max_tokens:
+            raise LocalProtocolError(f"{self.sent + count} tokens exceed the request's max_tokens")
+        self.sent += count
+        self._hash.update(text.encode("utf-8"))
+        frame = encode_frame(TOKENS, self.job_id, self.seq, text, count, self.sent)
+        self.seq += 1
+        return Send(frame)
+
+    def _claim(self) -> list[Action]:
+        if self.voucher is None or self.request is None:
+            return []
+        log.info("job %s: claiming %d", self.job_id.hex()[:8], self.paid)
+        return [Claim(self.request.hold_id, self.voucher, self.paid)]
+
+    def _waiver(self, reason: str, now_ms: int) -> bytes:
+        assert self.request is not None
+        return make_waiver(self.key, self.network_id, self.request.hold_id, reason, now_ms).wire
+
+    def _stop(self, now_ms: int, reason: str) -> tuple[ProviderState, list[Action]]:
+        self.buffer = ()
+        self.deadline = None
+        return _P.STOPPING, [StopGeneration(reason)]
+
+    # --- handlers
+    def _on_request(self, frame, now_ms):
+        wire, body = frame.args
+        request = decode_request(wire, body, self.network_id)
+        hold: Hold = request.hold.body  # type: ignore[assignment]
+        if request.job_id != frame.job_id:
+            raise ProtocolViolation("frame and request name different jobs")
+        if hold.provider != self.key.public_key:
+            raise ProtocolViolation("the hold names another provider")
+        if hold.expiry_ms <= now_ms:
+            raise ProtocolViolation("the hold has expired")
+        self.request, self.job_id = request, request.job_id
+        return _P.DECIDING, [RequestReceived(request)]
+
+    def _accept(self, now_ms):
+        log.info("job %s: accepted", self.job_id.hex()[:8])
+        return _P.RUNNING, [Send(encode_frame(ACCEPT, self.job_id))]
+
+    def _reject(self, now_ms, code, text):
+        check_int(code, "reason code", 0, 255)
+        text = text[:MAX_REASON_CHARS]
+        return _P.DONE, [Send(encode_frame(REJECT, self.job_id, code, text, self._waiver(text, now_ms)))]
+
+    def _on_cancel_early(self, frame, now_ms):
+        return _P.DONE, []
+
+    def _tokens(self, now_ms, text, count):
+        check_str(text, "text", MAX_TOKENS_TEXT)
+        check_int(count, "count", 1, MAX_TOKENS_PER_FRAME)
+        assert self.request is not None
+        if self.state is _P.PAUSED:
+            if self.sent + sum(c for _, c in self.buffer) + count > self.request.max_tokens:
+                raise LocalProtocolError("tokens exceed the request's max_tokens")
+            self.buffer += ((text, count),)
+            return _P.PAUSED, []
+        actions: list[Action] = [self._send_tokens(text, count)]
+        if self._window_full():
+            self.deadline = now_ms + self.config.pause_grace_ms
+            log.info("job %s: credit window full, pausing", self.job_id.hex()[:8])
+            return _P.PAUSED, actions + [Pause()]
+        return _P.RUNNING, actions
+
+    def _drop_tokens(self, now_ms, text, count):
+        return _P.STOPPING, []
+
+    def _on_voucher(self, frame, now_ms):
+        assert self.request is not None
+        voucher = decode_signed(frame.args[0], network_id=self.network_id, tags=(Tag.VOUCHER,))
+        fields = check_list(list(voucher.fields), "voucher fields", length=2)
+        check_bytes(fields[0], "voucher hold id", size=ID_SIZE)
+        amount = check_int(fields[1], "voucher amount", 1, MAX_AMOUNT)
+        if voucher.signer != self.request.consumer or fields[0] != self.request.hold_id:
+            raise ProtocolViolation("voucher is not the consumer's voucher for this hold")
+        if amount <= self.paid:
+            raise ProtocolViolation(f"voucher of {amount} does not exceed the previous {self.paid}")
+        if amount > self.request.hold.body.amount:  # type: ignore[union-attr]
+            raise ProtocolViolation("voucher exceeds the hold")
+        self.voucher, self.paid = voucher, amount
+        if self.state is _P.SETTLING:
+            if amount >= self.final_cost:
+                self.deadline = None
+                return _P.DONE, self._claim()
+            return _P.SETTLING, []
+        if self.state is _P.PAUSED:
+            actions: list[Action] = []
+            # Flush what was produced while paused, as far as the window allows.
+            while self.buffer and not self._window_full():
+                (text, count), self.buffer = self.buffer[0], self.buffer[1:]
+                actions.append(self._send_tokens(text, count))
+            if self._window_full():
+                return _P.PAUSED, actions
+            self.deadline = None
+            return _P.RUNNING, actions + [Resume()]
+        return self.state, []
+
+    def _on_cancel(self, frame, now_ms):
+        self.cancelled = True
+        return self._stop(now_ms, "cancelled by the consumer")
+
+    def _cancel(self, now_ms, code, reason):
+        self.cancelled = True
+        state, actions = self._stop(now_ms, reason)
+        return state, [Send(encode_frame(CANCEL, self.job_id, code, reason[:MAX_REASON_CHARS]))] + actions
+
+    def _finished(self, now_ms, prompt_eval_count, eval_count, durations_ns):
+        assert self.request is not None
+        check_int(prompt_eval_count, "prompt eval count", 0, MAX_JOB_TOKENS)
+        check_int(eval_count, "eval count", 0, MAX_JOB_TOKENS)
+        durations = tuple(check_int(d, "duration") for d in durations_ns)
+        if len(durations) != 4:
+            raise LocalProtocolError("durations are (total, load, prompt_eval, eval)")
+        actions: list[Action] = []
+        if self.state is _P.PAUSED and self.buffer:
+            # The model is done but the consumer has not paid for the rest: stop here.
+            self.buffer, self.cancelled = (), True
+        in_tokens = min(prompt_eval_count, self.request.max_prompt_tokens)
+        self.final_cost = job_cost(self.request.prices, in_tokens, self.sent)
+        status = CANCELLED if self.cancelled else DONE
+        receipt = make_receipt(
+            self.key, self.network_id, now_ms, job_id=self.job_id, hold_id=self.request.hold_id,
+            status=status, prompt_eval_count=prompt_eval_count, eval_count=eval_count,
+            output_tokens=self.sent, durations_ns=durations, out_hash=self._hash.digest(), cost=self.final_cost,
+        )
+        actions.append(Send(encode_frame(RECEIPT, self.job_id, receipt.wire)))
+        if self.paid >= self.final_cost:  # nothing more to wait for
+            self.deadline = None
+            return _P.DONE, actions + self._claim()
+        self.deadline = now_ms + self.config.settle_ms
+        return _P.SETTLING, actions
+
+    def _failed(self, now_ms, reason):
+        waiver = self._waiver(reason, now_ms) if self.voucher is None else b""
+        frame = encode_frame(ERROR, self.job_id, R_BACKEND, reason[:MAX_REASON_CHARS], waiver)
+        self.deadline = None
+        return _P.DONE, [Send(frame)] + self._claim()
+
+    def _lost(self, now_ms):
+        self.deadline = None
+        actions: list[Action] = []
+        if self.state in _P_GEN:
+            actions.append(StopGeneration("connection lost"))
+        return _P.DONE, actions + self._claim()
+
+    def _timer(self, now_ms):
+        if self.state is _P.PAUSED:
+            self.cancelled = True
+            state, actions = self._stop(now_ms, "unpaid")
+            log.info("job %s: consumer stopped paying, stopping", self.job_id.hex()[:8])
+            return state, [Send(encode_frame(CANCEL, self.job_id, R_UNPAID, "credit window exceeded"))] + actions
+        self.deadline = None
+        return _P.DONE, self._claim()
+
+    def _ignore(self, frame, now_ms):
+        return self.state, []
