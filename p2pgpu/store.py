@@ -49,11 +49,12 @@ class LevelDBStore:
 
     def write(self, changes: Mapping[bytes, bytes | None], sync: bool) -> None:
         with self._db.write_batch(transaction=True, sync=sync) as batch:
+            put, delete = batch.put, batch.delete
             for key, value in changes.items():
                 if value is None:
-                    batch.delete(key)
+                    delete(key)
                 else:
-                    batch.put(key, value)
+                    put(key, value)
 
     def dump(self) -> dict[bytes, bytes]:
         """Every key and value, for byte-for-byte comparisons in tests."""
