@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_precedence_file_then_environment_then_flags(tmp_path):
-    path = write(tmp_path, 'data_dir = "/tmp/x"\nslots = 2\nprice_out = "2.5"\nbootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/a"]\n')
+    path = write(tmp_path, 'data_dir = "relative/data"\nslots = 2\nprice_out = "2.5"\nbootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/a"]\n')
     config = load_config(path, environ={})
     assert (config.slots, config.price_out, config.bootstrap) == (2, 2_500_000, ("/ip4/127.0.0.1/tcp/1/p2p/a",))
     config = load_config(path, environ={"P2PGPU_SLOTS": "3", "P2PGPU_BOOTSTRAP": "a, b"})
