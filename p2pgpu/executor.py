@@ -2,30 +2,69 @@
 
 The node never reaches a model any other way (DESIGN §6), so the Ollama
 stand-in in tests and a real Ollama take exactly the same path. This module
-translates the client's exceptions once, at the edge: a refused connection,
-a timeout or an HTTP error all become ``ExecutionFailed`` with a message a
-person can act on.
+translates the client's exceptions once, at the edge (``_failure``): a refused
+connection, a timeout or an HTTP error all become ``ExecutionFailed`` with a
+message a person can act on; an unknown model is ``ModelNotFound`` and a full
+Ollama is ``Busy``.
+
+Streaming (``OllamaBackend.stream``) is an async context manager around an
+async iterator, so leaving the block, early or by cancellation, always closes
+the HTTP stream and the client: Ollama sees the disconnect and stops decoding.
+What a consumer asks for is normalised here: only ``num_predict``, ``seed`` and
+``temperature`` reach Ollama, never load-time options such as ``num_ctx`` or
+``num_gpu`` (each new value reloads the model, reference §4 "reload thrash"),
+and ``keep_alive`` is the operator's, clamped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, Final
 
 import httpx
 import ollama
+import trio
 
-from p2pgpu.errors import ExecutionFailed
+from p2pgpu.errors import ExecutionFailed, MalformedInput
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
+MAX_TOKENS_LIMIT: Final = 131_072
+"""The largest ``max_tokens`` a request may ask for."""
+MAX_TEMPERATURE: Final = 2.0
+DEFAULT_KEEP_ALIVE_S: Final = 300.0
+"""Ollama's own default (5 minutes)."""
+MAX_KEEP_ALIVE_S: Final = 3600.0
+"""``keep_alive`` is clamped to [0, this]: no "loaded forever" on a shared box."""
+DEFAULT_READ_TIMEOUT_S: Final = 300.0
+"""Longest wait for the next streamed chunk; covers a cold load (Ollama's own
+load timeout is 5 minutes)."""
+_CLEANUP_S: Final = 5.0
+CHAT_ROLES: Final = frozenset({"system", "user", "assistant"})
+
 
 def default_ollama_host() -> str:
     """``OLLAMA_HOST`` as the official client reads it, else Ollama's default."""
     return os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
+
+
+class ModelNotFound(ExecutionFailed):
+    """The local Ollama does not serve the requested model."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class Busy(ExecutionFailed):
+    """Ollama answered 503: its queue is full. Retrying later may work."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +74,126 @@ class LocalModel:
     warm: bool  # loaded in memory right now (from /api/ps): first token comes fast
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message: ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in CHAT_ROLES:
+            raise MalformedInput(f"message role must be one of {sorted(CHAT_ROLES)}, not {self.role!r}")
+        if not isinstance(self.content, str):
+            raise MalformedInput("message content must be a string")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One inference job: chat ``messages`` or a generate ``prompt`` (exactly
+    one), an optional ``system`` prompt, and the only sampling options a
+    consumer controls. Raises ``MalformedInput`` when a value is out of range."""
+
+    model: str
+    max_tokens: int
+    messages: tuple[Message, ...] | None = None
+    prompt: str | None = None
+    system: str | None = None
+    seed: int | None = None
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise MalformedInput("model must be a non-empty string")
+        if (self.messages is None) == (self.prompt is None):
+            raise MalformedInput("give exactly one of messages (chat) or prompt (generate)")
+        if self.messages is not None and not (
+            isinstance(self.messages, tuple) and all(isinstance(m, Message) for m in self.messages)
+        ):
+            raise MalformedInput("messages must be a tuple of Message")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise MalformedInput("prompt must be a string")
+        if self.system is not None and not isinstance(self.system, str):
+            raise MalformedInput("system must be a string")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise MalformedInput(f"max_tokens must be an integer in 1..{MAX_TOKENS_LIMIT}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            raise MalformedInput("seed must be a 64-bit integer")
+        if self.temperature is not None and (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or not 0.0 <= self.temperature <= MAX_TEMPERATURE
+        ):
+            raise MalformedInput(f"temperature must be a number in 0..{MAX_TEMPERATURE}")
+
+    def options(self) -> dict[str, Any]:
+        """The Ollama ``options``: built from a whitelist, so no load-time
+        option (``num_ctx``, ``num_gpu``...) can ever reach Ollama from here."""
+        options: dict[str, Any] = {"num_predict": self.max_tokens}
+        if self.seed is not None:
+            options["seed"] = self.seed
+        if self.temperature is not None:
+            options["temperature"] = float(self.temperature)
+        return options
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Streamed text; ``tokens`` is 1 per non-empty chunk (Ollama streams one
+    token a chunk), the count to meter by when no final chunk arrives."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The final chunk's metrics; fields Ollama omitted (omitempty) are 0/""."""
+
+    prompt_eval_count: int
+    eval_count: int
+    total_duration_ns: int
+    load_duration_ns: int
+    prompt_eval_duration_ns: int
+    eval_duration_ns: int
+    done_reason: str
+
+
+Event = Chunk | Finished
+
+
+def clamp_keep_alive(seconds: float | None) -> float:
+    """``keep_alive`` in [0, ``MAX_KEEP_ALIVE_S``]: ``None`` or NaN is the
+    default, negative ("forever") or infinite is the maximum."""
+    if seconds is None or math.isnan(seconds):
+        return DEFAULT_KEEP_ALIVE_S
+    if seconds < 0:
+        return MAX_KEEP_ALIVE_S
+    return min(float(seconds), MAX_KEEP_ALIVE_S)
+
+
 class OllamaBackend:
     """The local Ollama, as the provider side of a node sees it."""
 
-    def __init__(self, host: str | None = None, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        *,
+        timeout_s: float = 10.0,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S,
+    ) -> None:
         self.host = host or default_ollama_host()
         self._timeout_s = timeout_s
+        self._read_timeout_s = read_timeout_s
+        self.keep_alive_s = clamp_keep_alive(keep_alive_s)
 
-    def _client(self) -> ollama.AsyncClient:
+    def _client(self, timeout: float | httpx.Timeout | None = None) -> ollama.AsyncClient:
         # One client per call: httpx async clients are bound to the event loop
         # they were first used in, and inventory calls are rare (one per
         # heartbeat), so the connection setup is not worth keeping.
-        return ollama.AsyncClient(host=self.host, timeout=self._timeout_s)
+        return ollama.AsyncClient(host=self.host, timeout=timeout or self._timeout_s)
 
     async def models(self) -> list[LocalModel]:
         """Every model this Ollama serves (``/api/tags``), marked warm when
@@ -55,16 +202,136 @@ class OllamaBackend:
         try:
             tags = await client.list()
             loaded = await client.ps()
-        except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as exc:
-            raise ExecutionFailed(f"Ollama at {self.host} did not answer: {_describe(exc)}") from exc
+        except _CLIENT_ERRORS as exc:
+            raise self._failure(exc) from exc
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_S):
+                await client.close()
         warm = {m.model for m in loaded.models if m.model}
         # sizes arrive as pydantic ByteSize; the wire wants plain ints
         return [LocalModel(m.model, None if m.size is None else int(m.size), m.model in warm) for m in tags.models if m.model]
 
+    @asynccontextmanager
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[AsyncIterator[Event]]:
+        """Run ``request`` streamed; yields an async iterator of ``Chunk``s,
+        then one ``Finished``::
+
+            async with backend.stream(request) as events:
+                async for event in events:
+                    ...
+
+        Iteration raises ``ExecutionFailed`` (``ModelNotFound``, ``Busy``),
+        after any chunks already delivered. Leaving the block, early or by
+        cancellation, closes the HTTP stream, so Ollama stops generating."""
+        client = self._client(httpx.Timeout(self._timeout_s, read=self._read_timeout_s))
+        events = self._events(client, request)
+        try:
+            yield events
+        finally:
+            # Shielded, but bounded: closing must happen even when the caller
+            # was cancelled, or the connection (and the generation) leaks.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_S):
+                try:
+                    await events.aclose()
+                finally:
+                    await client.close()
+
+    async def _events(self, client: ollama.AsyncClient, request: GenerationRequest) -> AsyncIterator[Event]:
+        chat = request.messages is not None
+        try:
+            if request.messages is not None:
+                messages = [{"role": m.role, "content": m.content} for m in request.messages]
+                if request.system is not None:
+                    messages.insert(0, {"role": "system", "content": request.system})
+                parts: AsyncIterator[Any] = await client.chat(
+                    model=request.model,
+                    messages=messages,
+                    options=request.options(),
+                    keep_alive=self.keep_alive_s,
+                    stream=True,
+                )
+            else:
+                parts = await client.generate(
+                    model=request.model,
+                    prompt=request.prompt,
+                    system=request.system,
+                    options=request.options(),
+                    keep_alive=self.keep_alive_s,
+                    stream=True,
+                )
+            final = None
+            async with aclosing(parts):  # type: ignore[type-var]
+                async for part in parts:
+                    text = (part.message.content or "") if chat else (part.response or "")
+                    if text:
+                        yield Chunk(text, 1)
+                    if part.done:
+                        # Read on to the end of the body (it ends here) rather
+                        # than break: the client's line iterators then finish
+                        # instead of being left to the garbage collector.
+                        final = _finished(part)
+        except _CLIENT_ERRORS as exc:
+            raise self._failure(exc, request.model) from exc
+        if final is None:
+            raise ExecutionFailed(
+                f"Ollama at {self.host} ended the stream for {request.model!r} without a final chunk"
+            )
+        yield final
+
+    def _failure(self, exc: BaseException, model: str | None = None) -> ExecutionFailed:
+        """The one translation of client exceptions into ``ExecutionFailed``."""
+        where = f"Ollama at {self.host}"
+        if isinstance(exc, ollama.ResponseError):
+            status, error = exc.status_code, exc.error
+            if status == 404 and model is not None:
+                return ModelNotFound(
+                    model, f"{where} does not serve model {model!r} ({error}); pull it or pick another"
+                )
+            if status == 503:
+                return Busy(f"{where} is busy, try again later: {error}")
+            if status == -1:
+                return ExecutionFailed(f"{where} failed mid-stream{_on(model)}: {error}")
+            return ExecutionFailed(f"{where} answered HTTP {status}{_on(model)}: {error}")
+        if isinstance(exc, (ConnectionError, httpx.ConnectError)):
+            return ExecutionFailed(
+                f"{where} is not reachable: connection refused "
+                "(is Ollama running? set OLLAMA_HOST or --ollama-host)"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return ExecutionFailed(
+                f"{where} timed out{_on(model)} ({type(exc).__name__}); a cold model load "
+                "can take minutes, check `ollama ps` and the server log"
+            )
+        if isinstance(exc, httpx.HTTPError):
+            return ExecutionFailed(f"{where} dropped the connection{_on(model)}: {_describe(exc)}")
+        # ValueError: a line that is not JSON or not the shape the client expects
+        return ExecutionFailed(f"{where} sent a reply the client cannot read{_on(model)}: {_describe(exc)}")
+
+
+# httpx.HTTPError covers connect/read/protocol errors and timeouts; ValueError
+# covers undecodable lines (JSONDecodeError, pydantic's ValidationError).
+_CLIENT_ERRORS: Final = (ConnectionError, httpx.HTTPError, ollama.ResponseError, ValueError)
+
+
+def _finished(part: Any) -> Finished:
+    return Finished(
+        prompt_eval_count=part.prompt_eval_count or 0,
+        eval_count=part.eval_count or 0,
+        total_duration_ns=part.total_duration or 0,
+        load_duration_ns=part.load_duration or 0,
+        prompt_eval_duration_ns=part.prompt_eval_duration or 0,
+        eval_duration_ns=part.eval_duration or 0,
+        done_reason=part.done_reason or "",
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _on(model: str | None) -> str:
+    return "" if model is None else f" running {model!r}"
+
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ollama.ResponseError):
-        return f"HTTP {exc.status_code}: {exc.error}"
-    if isinstance(exc, (ConnectionError, httpx.ConnectError)):
-        return "connection refused (is Ollama running? set OLLAMA_HOST or --ollama-host)"
     return str(exc) or type(exc).__name__
