@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 AGENT = f"p2pgpu/{__version__}"
 MAX_CLOCK_SKEW_MS = 60_000
 HISTORY_LIMIT = 100  # newest wallet entries returned: the API runs on the trio thread
+WITHDRAWAL_LINGER_S = 0.5
 ARRIVALS_KEPT = 64  # recent offers remembered per provider, as [seq, signed_ms, received_ms]
 
 
@@ -122,15 +123,21 @@ class Node:
                     await nursery.start(self.replicator.run)
                     await nursery.start(self._follow_offers)
                     nursery.start_soon(self._take_in_coins)
+                    provider_scope = trio.CancelScope()
                     if config.provide:
-                        nursery.start_soon(self._provide)
+                        nursery.start_soon(self._provide, provider_scope)
                     self.api_port = await nursery.start(serve_api, create_app(self, self.token), config.api_port)
                     write_api_address(self.data_dir, self.api_port)
                     log.info("node %s up: p2p %s, api 127.0.0.1:%d", self.key.peer_id, host.listen_addrs(), self.api_port)
                     self._incoming.set()  # take in anything that arrived while we were offline
                     task_status.started(self)
                     await self._stopping.wait()
-                    await self._withdraw()
+                    provider_scope.cancel()  # no heartbeat may re-advertise after the withdrawal
+                    if await self._withdraw():
+                        # Gossip has no acknowledgement: give the withdrawal a
+                        # moment to leave our queues before the host closes
+                        # its connections (shutdown stays well under 2 s).
+                        await trio.sleep(WITHDRAWAL_LINGER_S)
                     nursery.cancel_scope.cancel()
         finally:
             remove_api_address(self.data_dir, self.api_port)
@@ -169,8 +176,13 @@ class Node:
                 log.info("offer of %s expired", peer_id_from_public_key(provider))
             await trio.sleep(1.0)
 
-    async def _provide(self) -> None:
-        """Publish a fresh signed offer every heartbeat while Ollama answers."""
+    async def _provide(self, scope: trio.CancelScope) -> None:
+        """Publish a fresh signed offer every heartbeat while Ollama answers,
+        until ``scope`` is cancelled (shutdown)."""
+        with scope:
+            await self._provide_forever()
+
+    async def _provide_forever(self) -> None:
         assert self.host is not None
         topic = offers_topic(self.genesis.network_tag)
         beats = 0
@@ -217,20 +229,24 @@ class Node:
                 self.advertising, self.provider_note = False, str(exc)
             await trio.sleep(self.config.heartbeat_s)
 
-    async def _withdraw(self) -> None:
-        """Tell the network we are gone now rather than letting the offer expire."""
+    async def _withdraw(self) -> bool:
+        """Tell the network we are gone now rather than letting the offer
+        expire. True if a withdrawal was published."""
         if not self.advertising or self.host is None:
-            return
+            return False
         self.advertising = False
+        published = False
         with trio.move_on_after(1.0):
             self._offer_seq = next_seq(self._offer_seq, now_ms())
             wire = make_withdrawal(self.key, self.network_id, now_ms(), self._offer_seq).wire
             try:
                 await self.host.publish(offers_topic(self.genesis.network_tag), wire)
                 self._record_own(wire)
+                published = True
                 log.info("offer withdrawn")
             except P2PGPUError as exc:
                 log.warning("could not withdraw the offer: %s", exc)
+        return published
 
     def _accept_offer(self, wire: bytes, source: str) -> None:
         now = now_ms()
