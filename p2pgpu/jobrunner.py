@@ -1,0 +1,566 @@
+"""Run jobs over real libp2p streams: the trio edge of ``p2pgpu.core.jobs``.
+
+``ProviderService`` serves ``JOB_PROTOCOL``: one ``ProviderSession`` per
+stream, admission (model, prices, slots, the embedded hold), the backend's
+token stream fed into the session, pause/resume/stop, and the CLAIM.
+``run_job`` is the consumer: HOLD, request, stream, vouchers, RELEASE.
+
+Shape of one job on either side (one trio nursery per stream):
+
+- a *reader* task feeds peer frames to the session;
+- a *writer* task owns the stream's sending side: every ``Send`` action goes
+  through one unbounded memory channel, so frames leave in exactly the order
+  the session produced them, whichever task called the session;
+- a *timer* task sleeps until ``next_deadline()`` (woken when it changes);
+- provider only: the *generator* task, started on accept.
+
+Session calls are synchronous and actions are carried out at once
+(``_apply``); only ledger appends (claim/release) await. Every error on one
+job ends that job's stream only: a peer's bad frame becomes
+``connection_lost`` and the stream is reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from p2pgpu.core.identity import NodeKey, public_key_from_peer_id
+from p2pgpu.core.jobs import (
+    R_BUSY,
+    R_HOLD,
+    R_MODEL,
+    R_OTHER,
+    R_PRICE,
+    Claim,
+    Completed,
+    ConsumerSession,
+    ConsumerState,
+    Deliver,
+    Failed,
+    JobRequest,
+    Pause,
+    Prices,
+    ProviderSession,
+    ProviderState,
+    Receipt,
+    ReleaseHold,
+    RequestReceived,
+    Resume,
+    Send,
+    SessionConfig,
+    StopGeneration,
+    job_cost,
+    make_request,
+)
+from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_WAIVER, ApplyResult, Ledger
+from p2pgpu.core.offers import normalize_model_name
+from p2pgpu.core.protocols import JOB_PROTOCOL
+from p2pgpu.errors import ExecutionFailed, P2PGPUError
+from p2pgpu.executor import Chunk, Finished, GenerationRequest, Message
+from p2pgpu.net import FrameStream, P2PHost
+from p2pgpu.replication import LedgerReplicator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProviderService", "run_job", "JobResult", "wall_ms"]
+
+NowMs = Callable[[], int]
+PROMPT_TEMPLATE_TOKENS = 64  # chat template overhead on top of one token per prompt byte
+DEFAULT_HOLD_MS = 300_000
+DEFAULT_CREDIT_WINDOW = 32
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Edge:
+    """What both sides share: outgoing queue, writer, timer, reader loop."""
+
+    session: Any
+
+    def __init__(self, stream: FrameStream, now_ms: NowMs) -> None:
+        self.stream = stream
+        self.now_ms = now_ms
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes](math.inf)
+        self._timer_changed = trio.Event()
+        self.finished = trio.Event()  # the session reached its end state
+        self.nursery: trio.Nursery | None = None
+        self.failure: BaseException | None = None  # why the stream broke, if it did
+
+    # --- to be provided
+    def _is_done(self) -> bool:
+        raise NotImplementedError
+
+    def _handle(self, action: Any) -> None:
+        raise NotImplementedError
+
+    # --- shared
+    def _apply(self, actions: Iterable[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                try:
+                    self._out_send.send_nowait(action.data)
+                except trio.ClosedResourceError:
+                    log.debug("dropping a frame after the stream ended")
+            else:
+                self._handle(action)
+        self._timer_changed.set()
+        if self._is_done():
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished.is_set():
+            self.finished.set()
+            self._timer_changed.set()
+            self._out_send.close()  # the writer drains what is queued, then ends
+
+    async def _writer(self) -> None:
+        async with self._out_recv:
+            async for data in self._out_recv:
+                try:
+                    await self.stream.send_frame(data)
+                except (P2PGPUError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("job stream with %s: send failed: %s", self.stream.remote_peer_id, exc)
+                    if self.failure is None:
+                        self.failure = exc
+                    self._apply(self.session.connection_lost(self.now_ms()))
+                    self._finish()
+                    return
+
+    async def _timer(self) -> None:
+        while not self.finished.is_set():
+            self._timer_changed = trio.Event()
+            deadline = self.session.next_deadline()
+            if deadline is None:
+                await self._timer_changed.wait()
+                continue
+            now = self.now_ms()
+            if now < deadline:
+                with trio.move_on_after((deadline - now) / 1000):
+                    await self._timer_changed.wait()
+                continue
+            self._apply(self.session.on_timer(now))
+
+    async def _reader(self) -> None:
+        """Feed frames until the session ends or the stream does. A bad frame
+        or a broken stream is ``connection_lost``; raises it afterwards so
+        the stream gets reset."""
+        while not self.finished.is_set():
+            try:
+                data = await self.stream.receive_frame()
+                if data is None:
+                    self._apply(self.session.connection_lost(self.now_ms()))
+                    return
+                self._apply(self.session.receive(data, self.now_ms()))
+            except (P2PGPUError, trio.BrokenResourceError) as exc:
+                log.info("job stream with %s: %s", self.stream.remote_peer_id, exc)
+                self._apply(self.session.connection_lost(self.now_ms()))
+                raise
+
+    async def _drive(self, more: Callable[[trio.Nursery], None] | None = None) -> None:
+        """Run the job's tasks until the session is over and everything
+        queued is sent; the reader is cancelled then."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._writer)
+            nursery.start_soon(self._timer)
+            if more is not None:
+                more(nursery)
+            reader_scope = trio.CancelScope()
+
+            async def read() -> None:
+                with reader_scope:
+                    try:
+                        await self._reader()
+                    except (P2PGPUError, trio.BrokenResourceError) as exc:
+                        if self.failure is None:
+                            self.failure = exc
+                self._finish()  # a stream that ended before the request ends the job too
+
+            nursery.start_soon(read)
+            await self.finished.wait()
+            # finished also closed the out channel: the writer ends once drained
+            reader_scope.cancel()
+        if self.failure is not None:
+            raise self.failure
+
+
+# ====================================================================== provider
+
+
+class _ProviderJob(_Edge):
+    def __init__(self, service: ProviderService, stream: FrameStream) -> None:
+        super().__init__(stream, service.now_ms)
+        self.service = service
+        self.session = ProviderSession(service.key, service.network_id, service.config)
+        self.resumed = trio.Event()
+        self.resumed.set()
+        self.stop_scope = trio.CancelScope()
+        self.holds_slot = False
+
+    def _is_done(self) -> bool:
+        return self.session.state is ProviderState.DONE
+
+    def _handle(self, action: Any) -> None:
+        assert self.nursery is not None
+        if isinstance(action, RequestReceived):
+            self.nursery.start_soon(self._admit, action.request)
+        elif isinstance(action, Pause):
+            if self.resumed.is_set():
+                self.resumed = trio.Event()
+        elif isinstance(action, Resume):
+            self.resumed.set()
+        elif isinstance(action, StopGeneration):
+            log.info("job %s: stopping generation: %s", self.session.job_id.hex()[:8], action.reason)
+            self.stop_scope.cancel()
+        elif isinstance(action, Claim):
+            self.nursery.start_soon(self.service._claim, action)
+
+    async def _admit(self, request: JobRequest) -> None:
+        code, text = await self.service._admission(request)
+        if self.session.state is not ProviderState.DECIDING:
+            return  # cancelled while we decided
+        now = self.now_ms()
+        if code is not None:
+            log.info("job %s: rejecting: %s", request.job_id.hex()[:8], text)
+            self._apply(self.session.reject(now, code, text))
+            return
+        if self.service.active >= self.service.slots:  # taken while we awaited the ledger
+            self._apply(self.session.reject(now, R_BUSY, "no free slot"))
+            return
+        self.service.active += 1
+        self.holds_slot = True
+        self._apply(self.session.accept(now))
+        assert self.nursery is not None
+        self.nursery.start_soon(self._generate, request)
+
+    async def _generate(self, request: JobRequest) -> None:
+        messages = None
+        if request.messages is not None:
+            messages = tuple(Message(role, content) for role, content in request.messages)
+        gen = GenerationRequest(model=request.model, max_tokens=request.max_tokens,
+                                messages=messages, prompt=request.prompt)
+        eval_count = 0
+        final: Finished | None = None
+        live = (ProviderState.RUNNING, ProviderState.PAUSED, ProviderState.STOPPING)
+        try:
+            with self.stop_scope:
+                async with self.service.backend.stream(gen) as events:
+                    async for event in events:
+                        if isinstance(event, Chunk):
+                            if event.tokens < 1 or not event.text:
+                                continue
+                            if self.session.state not in live:
+                                return
+                            eval_count += event.tokens
+                            self._apply(self.session.tokens(self.now_ms(), event.text, event.tokens))
+                            await self.resumed.wait()  # paused: stop reading until Resume
+                        elif isinstance(event, Finished):
+                            final = event
+        except ExecutionFailed as exc:
+            log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
+            if self.session.state in live:
+                self._apply(self.session.failed(self.now_ms(), str(exc)))
+            return
+        if self.session.state not in live:
+            return
+        if final is not None:
+            self._apply(self.session.finished(
+                self.now_ms(), final.prompt_eval_count, final.eval_count,
+                (final.total_duration_ns, final.load_duration_ns,
+                 final.prompt_eval_duration_ns, final.eval_duration_ns)))
+        else:  # stopped: Ollama's counts are lost with the stream; input is not charged
+            self._apply(self.session.finished(self.now_ms(), 0, eval_count))
+
+    async def run(self) -> None:
+        try:
+            await self._drive()
+        finally:
+            self.stop_scope.cancel()
+            if self.holds_slot:
+                self.service.active -= 1
+
+
+class ProviderService:
+    """Serve jobs on ``JOB_PROTOCOL`` (call ``start()``; ``close()`` stops).
+
+    ``models``: the served model names; None asks ``backend.models()`` for
+    every request. ``slots``: jobs at once (what the offer advertises).
+    """
+
+    def __init__(self, host: P2PHost, replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, backend: Any,
+                 *, prices: Prices, slots: int, now_ms: NowMs = wall_ms, models: Iterable[str] | None = None,
+                 config: SessionConfig = SessionConfig()) -> None:
+        self.host, self.replicator, self.ledger, self.key = host, replicator, ledger, key
+        self.backend = backend
+        self.prices = prices
+        self.slots = slots
+        self.now_ms = now_ms
+        self.models = None if models is None else {normalize_model_name(m) for m in models}
+        self.config = config
+        self.network_id = ledger.network_id
+        self.active = 0
+        self.claims: list[bytes] = []  # ids of CLAIM entries made
+        self.jobs_served = 0
+
+    def start(self) -> None:
+        self.host.set_stream_handler(JOB_PROTOCOL, self._serve)
+
+    def close(self) -> None:
+        self.host.remove_stream_handler(JOB_PROTOCOL)
+
+    async def _serve(self, stream: FrameStream) -> None:
+        job = _ProviderJob(self, stream)
+        try:
+            await job.run()
+        finally:
+            self.jobs_served += 1
+
+    async def _served_models(self) -> set[str]:
+        if self.models is not None:
+            return self.models
+        return {normalize_model_name(m.name) for m in await self.backend.models()}
+
+    async def _admission(self, request: JobRequest) -> tuple[int | None, str]:
+        """(None, "") to accept, else (reason code, text)."""
+        try:
+            served = await self._served_models()
+        except ExecutionFailed as exc:
+            return R_OTHER, f"backend unavailable: {exc}"[:200]
+        if request.model not in served:
+            return R_MODEL, f"model {request.model} is not served here"
+        if request.prices.price_in < self.prices.price_in or request.prices.price_out < self.prices.price_out:
+            return R_PRICE, f"prices below ours ({self.prices.price_in}/{self.prices.price_out} per million)"
+        if self.active >= self.slots:
+            return R_BUSY, "no free slot"
+        results = await self.replicator.offer([request.hold.wire])
+        result = results[0]
+        if not isinstance(result, ApplyResult) or result.status not in ("applied", "duplicate"):
+            return R_HOLD, f"hold not valid on our ledger: {getattr(result, 'status', result)}"[:200]
+        if self.ledger.hold_status(request.hold_id) is not None or self.ledger.releases_of(request.hold_id):
+            return R_HOLD, "hold already settled"
+        return None, ""
+
+    async def _claim(self, claim: Claim) -> None:
+        try:
+            entries = await self.replicator.append(
+                lambda ledger: ledger.claim(self.key, claim.hold_id, claim.voucher, self.now_ms()))
+        except P2PGPUError as exc:
+            log.warning("claim of hold %s for %d failed: %s", claim.hold_id.hex()[:8], claim.amount, exc)
+            return
+        self.claims.extend(e.id for e in entries)
+        log.info("claimed %d from hold %s", claim.amount, claim.hold_id.hex()[:8])
+
+
+# ====================================================================== consumer
+
+
+@dataclass
+class JobResult:
+    """How one job ended, from the consumer's side.
+
+    ``status``: "completed", "rejected" or "failed". ``cost``: the last
+    voucher (what the provider may claim). ``release``: "released" (the
+    unclaimed part is back), "pending" (provider's claim not seen yet, or no
+    waiver: release later against the claim or after expiry), or "none"
+    (nothing left to release).
+    """
+
+    status: str
+    reason: str
+    text: str
+    tokens: int
+    cost: int
+    receipt: Receipt | None
+    provider: str
+    job_id: bytes
+    hold_id: bytes
+    hold_amount: int
+    release: str
+    retryable: bool
+    ttft_s: float | None
+    tokens_per_s: float | None
+    chunks: list[str] = field(default_factory=list)
+
+
+class _ConsumerJob(_Edge):
+    def __init__(self, session: ConsumerSession, stream: FrameStream, now_ms: NowMs,
+                 on_tokens: Callable[[str], None] | None) -> None:
+        super().__init__(stream, now_ms)
+        self.session = session
+        self.on_tokens = on_tokens
+        self.chunks: list[str] = []
+        self.tokens = 0
+        self.release: ReleaseHold | None = None
+        self.outcome: Completed | Failed | None = None
+        self.started = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self._cancel_watch: trio.CancelScope | None = None
+
+    def _is_done(self) -> bool:
+        return self.session.state is ConsumerState.DONE
+
+    def _handle(self, action: Any) -> None:
+        if isinstance(action, Deliver):
+            now = time.monotonic()
+            if self.first_token is None:
+                self.first_token = now
+            self.last_token = now
+            self.chunks.append(action.text)
+            self.tokens += action.count
+            if self.on_tokens is not None:
+                try:
+                    self.on_tokens(action.text)
+                except Exception:  # the user's callback must not break the job
+                    log.exception("on_tokens callback failed")
+        elif isinstance(action, ReleaseHold):
+            self.release = action
+        elif isinstance(action, (Completed, Failed)):
+            self.outcome = action
+
+    async def _watch_cancel(self, cancel: trio.Event) -> None:
+        with trio.CancelScope() as scope:
+            self._cancel_watch = scope
+            if self.finished.is_set():
+                return
+            await cancel.wait()
+            if self.session.state in (ConsumerState.REQUESTED, ConsumerState.ACCEPTED, ConsumerState.STREAMING):
+                self._apply(self.session.cancel(self.now_ms()))
+
+    def _finish(self) -> None:
+        super()._finish()
+        if self._cancel_watch is not None:
+            self._cancel_watch.cancel()
+
+    async def run(self, cancel: trio.Event | None = None) -> None:
+        self._apply(self.session.start(self.now_ms()))
+        try:
+            await self._drive(None if cancel is None else lambda n: n.start_soon(self._watch_cancel, cancel))
+        except (P2PGPUError, trio.BrokenResourceError) as exc:
+            log.info("job %s: stream ended badly: %s", self.session.job_id.hex()[:8], exc)
+            with trio.CancelScope(shield=True):
+                await self.stream.reset()
+        else:
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                await self.stream.close()
+
+
+async def run_job(
+    host: P2PHost,
+    replicator: LedgerReplicator,
+    ledger: Ledger,
+    key: NodeKey,
+    provider_peer_id: str,
+    offer_prices: Prices,
+    *,
+    model: str,
+    prompt: str | None = None,
+    messages: Iterable[tuple[str, str]] | None = None,
+    max_tokens: int,
+    now_ms: NowMs = wall_ms,
+    on_tokens: Callable[[str], None] | None = None,
+    max_prompt_tokens: int | None = None,
+    credit_window: int = DEFAULT_CREDIT_WINDOW,
+    hold_ms: int = DEFAULT_HOLD_MS,
+    config: SessionConfig = SessionConfig(),
+    release_wait_s: float = 10.0,
+    cancel: trio.Event | None = None,
+) -> JobResult:
+    """Run one job on ``provider_peer_id`` at ``offer_prices``; see ``JobResult``.
+
+    Opens the stream first (so an unreachable provider costs no hold), then
+    HOLDs ``job_cost(prices, max_prompt_tokens, max_tokens)``. After the end,
+    releases the unclaimed part: at once with the provider's waiver, else
+    after its CLAIM shows up on our ledger (waiting ``release_wait_s``).
+    Setting ``cancel`` cancels the job: the provider stops and sends a
+    receipt for what it sent, and we pay exactly that (status "failed").
+    Raises ``P2PGPUError`` only before the hold exists (unreachable provider,
+    insufficient funds, bad arguments).
+    """
+    msgs = None if messages is None else tuple((role, content) for role, content in messages)
+    if max_prompt_tokens is None:
+        body_len = len(prompt.encode()) if prompt is not None else sum(len(c.encode()) + 4 for _, c in msgs or ())
+        max_prompt_tokens = body_len + PROMPT_TEMPLATE_TOKENS
+    provider_key = public_key_from_peer_id(provider_peer_id)
+    network_id = ledger.network_id
+    job_id = secrets.token_bytes(16)
+    amount = max(1, job_cost(offer_prices, max_prompt_tokens, max_tokens))
+    hold_ms = min(hold_ms, ledger.params.max_hold_ms)
+
+    stream = await host.open_stream(provider_peer_id, JOB_PROTOCOL)
+    try:
+        now = now_ms()
+        hold = (await replicator.append(
+            lambda lg: lg.hold(key, provider_key, amount, now + hold_ms, job_id, now)))[0]
+        signed, body = make_request(
+            key, network_id, now, job_id=job_id, model=model, hold=hold, prices=offer_prices,
+            max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, credit_window=credit_window,
+            prompt=prompt, messages=msgs)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.reset()
+        raise
+    session = ConsumerSession(key, network_id, signed, body, config)
+    job = _ConsumerJob(session, stream, now_ms, on_tokens)
+    await job.run(cancel)
+
+    outcome = job.outcome
+    assert outcome is not None and job.release is not None
+    release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
+    if isinstance(outcome, Completed):
+        status, reason, receipt, retryable = "completed", "", outcome.receipt, False
+    else:
+        status = "rejected" if outcome.reason.startswith("rejected") else "failed"
+        reason, receipt, retryable = outcome.reason, outcome.receipt, outcome.retryable
+    ttft = None if job.first_token is None else job.first_token - job.started
+    tps = None
+    if job.first_token is not None and job.last_token is not None and job.tokens > 1 \
+            and job.last_token > job.first_token:
+        tps = (job.tokens - 1) / (job.last_token - job.first_token)
+    return JobResult(
+        status=status, reason=reason, text="".join(job.chunks), tokens=job.tokens, cost=session.paid,
+        receipt=receipt, provider=provider_peer_id, job_id=job_id, hold_id=hold.id, hold_amount=amount,
+        release=release, retryable=retryable, ttft_s=ttft, tokens_per_s=tps, chunks=job.chunks,
+    )
+
+
+async def _release(replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, hint: ReleaseHold,
+                   amount: int, wait_s: float, now_ms: NowMs) -> str:
+    """Take the unclaimed part of the hold back; "released", "pending" or "none"."""
+    hold_id = hint.hold_id
+    if hint.waiver is not None:
+        basis, ref = BASIS_WAIVER, hint.waiver
+    elif hint.paid == 0:
+        return "pending"  # no waiver, nothing paid: only expiry (or a provider entry after it) frees it
+    else:
+        if hint.paid >= amount:
+            pass  # all claimed: a release still closes the hold, but nothing comes back
+        claim_id = None
+        with trio.move_on_after(wait_s):
+            while True:
+                claims = ledger.claims_of(hold_id)
+                if claims:
+                    claim_id = next(iter(claims))
+                    break
+                await trio.sleep(0.05)
+        if claim_id is None:
+            log.info("hold %s: provider's claim not seen yet; release later", hold_id.hex()[:8])
+            return "pending"
+        basis, ref = BASIS_CLAIM, claim_id
+    try:
+        await replicator.append(lambda lg: lg.release(key, hold_id, basis, ref, now_ms()))
+    except P2PGPUError as exc:
+        log.warning("release of hold %s failed: %s", hold_id.hex()[:8], exc)
+        return "pending"
+    return "released"
