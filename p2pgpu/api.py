@@ -30,6 +30,20 @@ Routes (all JSON; amounts are integer base units, see ``p2pgpu.core.units``)::
     GET  /v1/wallet[?account=P]   WalletInfo
     POST /v1/send                 {"to": P, "amount": N | "coins": "1.5", "memo"?: S} -> TransferResult
     POST /v1/faucet               {"to": P, "amount": N | "coins": "1.5"}              -> TransferResult
+    POST /v1/submit               {"model": M, "prompt": S | "messages": [[role, content], ...],
+                                   "system"?: S, "max_tokens"?: N, "max_price"?: N | "max_price_coins"?: "1.5",
+                                   "retry"?: bool}
+                                  -> 200 application/x-ndjson: one event per line (see ``NodeView.submit``)
+
+``/v1/submit`` streams. The view's first event is awaited before anything is
+sent, so an error the view raises before it (``InsufficientFunds``, an
+unknown model...) is an ordinary error answer with the status below. Once
+the 200 has gone out, an error becomes the stream's last line,
+``{"type": "error", "error": <message>, "kind": <name>}``. A client that
+disconnects closes the view's generator (it sees ``Cancelled`` or
+``GeneratorExit``), so the node can cancel the job. Its body may be up to
+``MAX_SUBMIT_BODY``; the prompt text (prompt, messages and system together)
+up to ``MAX_PROMPT_BYTES`` of UTF-8.
 
 Status codes. Every error body is ``{"error": <message>, "type": <name>}``,
 where ``type`` is the ``P2PGPUError`` subclass's name when the view raised
@@ -46,7 +60,7 @@ one (so a client can re-raise the same class) and a fixed word otherwise:
          was well-formed but the ledger's rules refuse it (overspending; a
          faucet request to a node without the faucet key, since only that
          key may MINT)
-    413  PayloadTooLarge: a body over 64 KiB (refused before it is read)
+    413  PayloadTooLarge: a body over 64 KiB (2 MiB for /v1/submit), refused before it is read
     422  MalformedInput and subclasses: JSON of the wrong shape, unknown
          fields, a bad peer id, an amount that is not a positive integer
     500  InternalError: the view raised something unexpected; logged here
@@ -75,8 +89,9 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from hmac import compare_digest
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, TypedDict
@@ -101,6 +116,9 @@ __all__ = [
     "API_ADDRESS_FILE",
     "LOOPBACK",
     "MAX_BODY",
+    "MAX_PROMPT_BYTES",
+    "MAX_SUBMIT_BODY",
+    "MAX_TOKENS_LIMIT",
     "HistoryItem",
     "NetworkInfo",
     "NodeView",
@@ -109,6 +127,7 @@ __all__ = [
     "OfferModel",
     "PeerInfo",
     "StatusInfo",
+    "SubmitRequest",
     "TransferResult",
     "WalletInfo",
     "api_address_path",
@@ -125,6 +144,10 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK: Final = "127.0.0.1"
 MAX_BODY: Final = 64 * 1024
+MAX_PROMPT_BYTES: Final = 512 * 1024  # prompt, messages and system together, UTF-8
+MAX_SUBMIT_BODY: Final = 4 * MAX_PROMPT_BYTES  # room for JSON's escapes
+MAX_TOKENS_LIMIT: Final = 131_072
+ROLES: Final = frozenset({"system", "user", "assistant"})
 API_ADDRESS_FILE: Final = "api.addr"
 # How long a stopping server may take to finish the requests in flight before
 # they are cut off. Local requests are short; `send` is one ledger write.
@@ -231,6 +254,21 @@ class TransferResult(TypedDict):
     to: str
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """An inference job as ``POST /v1/submit`` hands it to the view, checked:
+    exactly one of ``prompt`` and ``messages``; roles among ``ROLES``;
+    ``max_tokens`` in 1..``MAX_TOKENS_LIMIT``; ``max_price`` >= 0."""
+
+    model: str
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content); role in system/user/assistant
+    system: str | None = None
+    max_tokens: int = 256
+    max_price: int | None = None  # base units for the whole job
+    retry: bool = True  # fail over to the next provider
+
+
 class NodeView(Protocol):
     """What the local API needs from the running node.
 
@@ -265,6 +303,19 @@ class NodeView(Protocol):
         """Mint ``amount`` for ``to``; only on the node holding the faucet key,
         else a ``LedgerRuleViolation`` that says so (409: only that key may
         MINT; another ``P2PGPUError`` would become a 400)."""
+        ...
+
+    def submit(self, request: SubmitRequest) -> AsyncIterator[dict[str, Any]]:
+        """Run a job; an async generator of JSON-able event dicts, in order:
+
+        zero or more of ``{"type": "provider", "provider", "attempt",
+        "price_in", "price_out"}``, ``{"type": "token", "text"}`` and
+        ``{"type": "retry", "provider", "reason"}``; then exactly one of
+        ``{"type": "done", "job_id", "provider", "tokens", "prompt_tokens",
+        "cost", "tokens_per_s", "ttft_s", "release"}`` or ``{"type": "error",
+        "error", "kind"}``. A ``P2PGPUError`` raised before the first event
+        becomes an ordinary error answer. The API closes the generator when
+        the client goes away (``Cancelled`` or ``GeneratorExit`` inside it)."""
         ...
 
 
@@ -303,7 +354,8 @@ def _endpoint(handler: Callable[[Request], Awaitable[Any]]) -> Callable[[Request
 
     async def endpoint(request: Request) -> Response:
         try:
-            return JSONResponse(await handler(request))
+            answer = await handler(request)
+            return answer if isinstance(answer, Response) else JSONResponse(answer)
         except _Refusal as refusal:
             return _error(refusal.status, str(refusal), refusal.kind)
         except P2PGPUError as exc:
@@ -342,34 +394,34 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refusing more than ``MAX_BODY`` bytes.
+async def _read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, refusing more than ``limit`` bytes.
 
     A declared Content-Length over the limit is refused before anything is
     read; a chunked body is counted as it arrives and refused as soon as it
     passes the limit, so a client can never make the node buffer more.
     """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise _Refusal(413, f"request body is larger than {MAX_BODY} bytes", "PayloadTooLarge")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Refusal(413, f"request body is larger than {limit} bytes", "PayloadTooLarge")
     chunks: list[bytes] = []
     size = 0
     async with aclosing(request.stream()) as stream:  # closed now, not by the GC, when we stop early
         async for chunk in stream:
             size += len(chunk)
-            if size > MAX_BODY:
-                raise _Refusal(413, f"request body is larger than {MAX_BODY} bytes", "PayloadTooLarge")
+            if size > limit:
+                raise _Refusal(413, f"request body is larger than {limit} bytes", "PayloadTooLarge")
             chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _json_object(request: Request, allowed: frozenset[str]) -> dict[str, Any]:
+async def _json_object(request: Request, allowed: frozenset[str], limit: int = MAX_BODY) -> dict[str, Any]:
     """The body as a JSON object with no fields outside ``allowed``.
 
     Unknown fields are refused rather than ignored: a typo such as
     ``"ammount"`` must not turn into a request that means something else.
     """
-    raw = await _read_body(request)
+    raw = await _read_body(request, limit)
     if not raw.strip():
         raise _Refusal(400, "expected a JSON object in the request body", "BadRequest")
     try:
@@ -401,6 +453,151 @@ def _amount(body: dict[str, Any]) -> int:
     return amount
 
 
+def _submit_request(body: dict[str, Any]) -> SubmitRequest:
+    """``POST /v1/submit``'s body as a checked ``SubmitRequest``."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise MalformedInput(f'"model" must be a non-empty string, got {_json_type(model)}')
+    if ("prompt" in body) == ("messages" in body):
+        raise MalformedInput('give exactly one of "prompt" (text) or "messages" ([[role, content], ...])')
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    if "prompt" in body:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise MalformedInput(f'"prompt" must be a non-empty string, got {_json_type(prompt)}')
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+    else:
+        raw = body["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise MalformedInput(f'"messages" must be a non-empty array of [role, content], got {_json_type(raw)}')
+        pairs = []
+        for index, item in enumerate(raw):
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item)):
+                raise MalformedInput(f'"messages"[{index}] must be [role, content], two strings')
+            role, content = item
+            if role not in ROLES:
+                raise MalformedInput(f'"messages"[{index}]: role {role!r} is not one of {sorted(ROLES)}')
+            pairs.append((role, content))
+        messages = tuple(pairs)
+        size = sum(len(content.encode("utf-8", "surrogatepass")) for _, content in messages)
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise MalformedInput(f'"system" must be a string, got {_json_type(system)}')
+    size += len(system.encode("utf-8", "surrogatepass")) if system else 0
+    if size > MAX_PROMPT_BYTES:
+        raise MalformedInput(f"the prompt is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are allowed")
+    max_tokens = body.get("max_tokens", 256)
+    if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise MalformedInput(f'"max_tokens" must be an integer from 1 to {MAX_TOKENS_LIMIT}')
+    if "max_price" in body and "max_price_coins" in body:
+        raise MalformedInput('give at most one of "max_price" (base units) or "max_price_coins" (text like "0.5")')
+    max_price = body.get("max_price")
+    if "max_price_coins" in body:
+        max_price = parse_coins(body["max_price_coins"])
+    elif max_price is not None and (type(max_price) is not int or max_price < 0):
+        raise MalformedInput('"max_price" must be a non-negative integer number of base units')
+    retry = body.get("retry", True)
+    if not isinstance(retry, bool):
+        raise MalformedInput(f'"retry" must be true or false, got {_json_type(retry)}')
+    return SubmitRequest(
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        system=system,
+        max_tokens=max_tokens,
+        max_price=max_price,
+        retry=retry,
+    )
+
+
+_FINAL_EVENTS: Final = frozenset({"done", "error"})
+_INTERNAL_MESSAGE: Final = "internal error in the node; its log has the details"
+
+
+def _error_event(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, P2PGPUError):
+        return {"type": "error", "error": str(exc), "kind": type(exc).__name__}
+    logger.error("local API: POST /v1/submit failed while streaming", exc_info=exc)
+    return {"type": "error", "error": _INTERNAL_MESSAGE, "kind": "InternalError"}
+
+
+def _event_line(event: Any) -> bytes:
+    """One NDJSON line; ``TypeError``/``ValueError`` for an event JSON cannot hold."""
+    if not isinstance(event, dict):
+        raise TypeError(f"the view yielded {type(event).__name__}, not an event dict")
+    return (json.dumps(event, allow_nan=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+class _SubmitStream(Response):
+    """The ASGI answer to a checked ``POST /v1/submit``: an NDJSON stream, or
+    an error answer when the view fails before its first event.
+
+    The whole exchange, first event included, runs beside a task watching
+    for ``http.disconnect``; when the client goes away it cancels the
+    exchange, and the generator is closed on the way out whatever happened.
+    """
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, view: NodeView, request: SubmitRequest) -> None:
+        super().__init__(status_code=200, media_type=self.media_type)
+        self._view = view
+        self._request = request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            events = self._view.submit(self._request)
+        except P2PGPUError as exc:  # a view that checks before returning its generator
+            await _error(status_for(exc), str(exc), type(exc).__name__)(scope, receive, send)
+            return
+        async with aclosing(events):  # type: ignore[type-var]
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    logger.debug("local API: the client of POST /v1/submit went away; closing the job")
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                await self._exchange(events, scope, receive, send)
+                nursery.cancel_scope.cancel()
+
+    async def _exchange(self, events: AsyncIterator[dict[str, Any]], scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            first = await anext(events)
+            line = _event_line(first)
+        except StopAsyncIteration:
+            line = _event_line(_error_event(RuntimeError("the view's submit ended without an event")))
+        except P2PGPUError as exc:
+            logger.debug("POST /v1/submit refused: %s", exc)
+            await _error(status_for(exc), str(exc), type(exc).__name__)(scope, receive, send)
+            return
+        except Exception:
+            logger.exception("local API: POST /v1/submit failed")
+            await _error(500, _INTERNAL_MESSAGE, "InternalError")(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-store")],
+            }
+        )
+        while True:
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+            if json.loads(line).get("type") in _FINAL_EVENTS:
+                break
+            try:
+                line = _event_line(await anext(events))
+            except StopAsyncIteration:
+                line = _event_line(_error_event(RuntimeError("the view's submit ended without a done or error event")))
+            except Exception as exc:
+                line = _event_line(_error_event(exc))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 # ---------------------------------------------------------------- handlers
 
 
@@ -409,6 +606,9 @@ class _Handlers:
 
     _SEND_FIELDS = frozenset({"to", "amount", "coins", "memo"})
     _FAUCET_FIELDS = frozenset({"to", "amount", "coins"})
+    _SUBMIT_FIELDS = frozenset(
+        {"model", "prompt", "messages", "system", "max_tokens", "max_price", "max_price_coins", "retry"}
+    )
 
     def __init__(self, view: NodeView) -> None:
         self.view = view
@@ -442,6 +642,10 @@ class _Handlers:
         body = await _json_object(request, self._FAUCET_FIELDS)
         to = _peer_id(body.get("to"), '"to"')
         return await self.view.faucet(to, _amount(body))
+
+    async def submit(self, request: Request) -> Response:
+        body = await _json_object(request, self._SUBMIT_FIELDS, MAX_SUBMIT_BODY)
+        return _SubmitStream(self.view, _submit_request(body))
 
 
 # ----------------------------------------------------------- authentication
@@ -531,6 +735,7 @@ def create_app(view: NodeView, token: str) -> Starlette:
             Route("/v1/wallet", _endpoint(handlers.wallet), methods=["GET"]),
             Route("/v1/send", _endpoint(handlers.send), methods=["POST"]),
             Route("/v1/faucet", _endpoint(handlers.faucet), methods=["POST"]),
+            Route("/v1/submit", _endpoint(handlers.submit), methods=["POST"]),
         ],
         middleware=[Middleware(_BearerAuth, token_digest=hashlib.sha256(token.encode("ascii")).digest())],
         exception_handlers={HTTPException: http_error, Exception: internal_error},

@@ -2,8 +2,9 @@
 
 An edge, used by the CLI. Its methods mirror ``p2pgpu.api.NodeView`` and
 return the same JSON shapes. As httpx's own ``map_exceptions`` does, every
-failure is translated in exactly one place (``ApiClient._call``), so callers
-only ever see ``P2PGPUError``:
+failure is translated in one place (``ApiClient._errors`` for the transport,
+``ApiClient._answer`` for what came back; ``_call`` and the streaming
+``submit`` share both), so callers only ever see ``P2PGPUError``:
 
 - no ``api.addr`` in the data dir, or nothing listening at the address it
   names (the node stopped, or crashed and left the file behind):
@@ -21,7 +22,9 @@ off): a ``HTTP_PROXY`` meant for the web must not receive the node's token.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Final
 
@@ -84,6 +87,7 @@ class ApiClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
+        self._timeout = timeout
         self._http = httpx.Client(
             base_url=base_url,
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
@@ -147,7 +151,70 @@ class ApiClient:
     def faucet(self, to: str, amount: int) -> dict[str, Any]:
         return self._call("POST", "/v1/faucet", body={"to": to, "amount": amount})
 
+    def submit(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[tuple[str, str]] | None = None,
+        system: str | None = None,
+        max_tokens: int = 256,
+        max_price: int | None = None,
+        retry: bool = True,
+    ) -> Iterator[dict[str, Any]]:
+        """Run a job: yields the node's events (``p2pgpu.api.NodeView.submit``)
+        as they arrive, ending with the ``done`` or ``error`` event.
+
+        Errors before the stream starts are raised as for every other call.
+        No read timeout applies while streaming: a model may think for a long
+        time between tokens. A stream that ends without a final event, or a
+        line that is not an event, is an ``ApiError``. Closing the generator
+        early closes the connection, which makes the node cancel the job.
+        """
+        body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "retry": retry}
+        if prompt is not None:
+            body["prompt"] = prompt
+        if messages is not None:
+            body["messages"] = [[role, content] for role, content in messages]
+        if system is not None:
+            body["system"] = system
+        if max_price is not None:
+            body["max_price"] = max_price
+        timeout = httpx.Timeout(self._timeout, read=None)
+        with self._errors(), self._http.stream("POST", "/v1/submit", json=body, timeout=timeout) as response:
+            if response.status_code != 200:
+                response.read()
+                self._answer(response)  # raises for every error answer
+                raise ApiError(f"unexpected answer from {self.base_url} (HTTP {response.status_code})")
+            if not response.headers.get("content-type", "").startswith("application/x-ndjson"):
+                raise ApiError(f"unexpected answer from {self.base_url} (not the node's event stream)", 200)
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                    raise ApiError(f"unexpected line in the node's event stream: {line[:200]!r}")
+                yield event
+                if event["type"] in ("done", "error"):
+                    return
+        raise ApiError(f"the node's local API at {self.base_url} ended the job's stream without a result")
+
     # ------------------------------------------------------------- the edge
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Transport failures as ``P2PGPUError``."""
+        try:
+            yield
+        except httpx.ConnectError:
+            raise _not_running(self.base_url) from None
+        except httpx.TimeoutException:
+            raise ApiError(f"the node's local API at {self.base_url} did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(f"lost the connection to the node's local API at {self.base_url}: {exc}") from None
 
     def _list(self, answer: dict[str, Any], key: str) -> list[dict[str, Any]]:
         items = answer.get(key)
@@ -163,15 +230,13 @@ class ApiClient:
         params: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One request; the only place HTTP failures become ``P2PGPUError``."""
-        try:
+        """One request and its JSON answer."""
+        with self._errors():
             response = self._http.request(method, path, params=params, json=body)
-        except httpx.ConnectError:
-            raise _not_running(self.base_url) from None
-        except httpx.TimeoutException:
-            raise ApiError(f"the node's local API at {self.base_url} did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise ApiError(f"lost the connection to the node's local API at {self.base_url}: {exc}") from None
+        return self._answer(response)
+
+    def _answer(self, response: httpx.Response) -> dict[str, Any]:
+        """A read answer's JSON object; error answers raised as ``P2PGPUError``."""
         try:
             answer = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -20,7 +20,7 @@ Build the answer as one dict plus a human rendering and hand both to
 ``_emit``. Raise a ``P2PGPUError`` subclass for anything the user must fix.
 Most commands work on local files only (identity, genesis, the offline
 ledger check, the GPU probe). Those that need the running node (``status``,
-``peers``, ``offers``, ``wallet``, ``send``, ``faucet``; later ``submit``,
+``peers``, ``offers``, ``wallet``, ``send``, ``faucet``, ``submit``; later
 ``jobs``...) are thin clients of its local HTTP API (DESIGN §7): open one
 with ``with _node(settings) as node:`` and call ``p2pgpu.api_client``'s
 ``ApiClient``, which reads ``api.addr`` and ``api.token`` from the data dir
@@ -28,7 +28,9 @@ and already turns every HTTP failure into a ``P2PGPUError`` (``NodeNotRunning``
 when nothing listens), so these commands need no error handling either.
 With ``--json`` they print the API's JSON unchanged. Strings that came from
 other peers (memos, model names, addresses) go through ``_safe`` before they
-reach a terminal.
+reach a terminal (``_safe_text`` for generated text, which keeps its line
+breaks). ``submit`` streams: with ``--json`` it prints one JSON line per event
+rather than one object.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import datetime
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -820,6 +823,118 @@ def faucet(settings: Settings, words: tuple[str, ...]) -> None:
             raise ConfigError("the node did not say its own peer id; give TO explicitly")
         answer = node.faucet(to, base_units)
     _emit(settings, answer, _transfer_lines("minted", answer))
+
+
+def _safe_text(text: Any) -> str:
+    """Generated text for a terminal: like ``_safe``, but newlines and tabs stay."""
+    return "".join(ch if ch in "\n\t" or ch.isprintable() else f"\\u{ord(ch):04x}" for ch in str(text))
+
+
+def _read_messages(path: Path) -> list[tuple[str, str]]:
+    """``--messages FILE``: a JSON list of ``{"role": ..., "content": ...}``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedInput(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise MalformedInput(f'{path}: expected a non-empty JSON list of {{"role": ..., "content": ...}}')
+    messages = []
+    for index, item in enumerate(data):
+        if not (isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)):
+            raise MalformedInput(f'{path}: item {index} is not {{"role": "...", "content": "..."}}')
+        messages.append((item["role"], item["content"]))
+    return messages
+
+
+def _summary(done: dict[str, Any], retries: int) -> str:
+    speed = done.get("tokens_per_s")
+    rate = f"{speed:.1f} tok/s" if isinstance(speed, (int, float)) and not isinstance(speed, bool) else "? tok/s"
+    line = (
+        f"provider {_safe(done.get('provider'))}, {_count(done.get('tokens'), 'token', 'tokens')}, "
+        f"{rate}, cost {_coins(done.get('cost'))}"
+    )
+    if retries:
+        line += f" (after {retries} {'retry' if retries == 1 else 'retries'})"
+    return line
+
+
+@cli.command()
+@click.argument("prompt", required=False, metavar="PROMPT")
+@click.option("--model", required=True, metavar="NAME", help="The model to run (see `p2pgpu offers`).")
+@click.option("--system", metavar="TEXT", help="A system prompt.")
+@click.option("--max-tokens", type=click.IntRange(1, 131_072), default=256, show_default=True, help="Longest answer.")
+@click.option("--max-price", metavar="COINS", help="The most the whole job may cost, like 0.5.")
+@click.option(
+    "--messages",
+    "messages_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help='A chat instead of PROMPT: a JSON list of {"role": "system|user|assistant", "content": "..."}.',
+)
+@click.option("--no-retry", is_flag=True, help="Fail rather than move on to the next provider.")
+@_with_settings
+def submit(
+    settings: Settings,
+    prompt: str | None,
+    model: str,
+    system: str | None,
+    max_tokens: int,
+    max_price: str | None,
+    messages_file: Path | None,
+    no_retry: bool,
+) -> None:
+    """Run PROMPT on the network and print the answer as it arrives.
+
+    PROMPT `-` reads it from stdin. The provider, token count, speed and
+    cost follow on stderr. With --json: one JSON event per line on stdout.
+    """
+    if (prompt is None) == (messages_file is None):
+        raise click.UsageError("give PROMPT or --messages FILE (one of them)")
+    messages = _read_messages(messages_file) if messages_file is not None else None
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    price = parse_coins(max_price) if max_price is not None else None
+    retries = 0
+    ends_in_newline = True
+    final: dict[str, Any] | None = None
+    with _node(settings) as node:
+        events = node.submit(
+            model,
+            prompt,
+            messages=messages,
+            system=system,
+            max_tokens=max_tokens,
+            max_price=price,
+            retry=not no_retry,
+        )
+        for event in events:
+            kind = event.get("type")
+            if settings.json:
+                click.echo(json.dumps(event))
+            elif kind == "token":
+                text = _safe_text(event.get("text", ""))
+                if text:
+                    click.echo(text, nl=False)
+                    ends_in_newline = text.endswith("\n")
+            elif kind == "retry":
+                click.echo(
+                    f"retrying: provider {_safe(event.get('provider'))} failed ({_safe(event.get('reason'))})", err=True
+                )
+            if kind == "retry":
+                retries += 1
+            if kind in ("done", "error"):
+                final = event
+    if not settings.json and not ends_in_newline:
+        click.echo()
+    if final is None:  # the client raises first; kept for a stream it let through
+        raise _Failed("the node ended the job without a result")
+    if final.get("type") == "error":
+        if not settings.json:
+            click.echo(f"error: {_safe(final.get('error'))}", err=True)
+        click.get_current_context().exit(1)
+    if not settings.json:
+        click.echo(_summary(final, retries), err=True)
 
 
 if __name__ == "__main__":

@@ -25,24 +25,29 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import trio
 
 from p2pgpu import __version__
-from p2pgpu.api import create_app, remove_api_address, serve_api, write_api_address
+from p2pgpu.api import SubmitRequest, create_app, remove_api_address, serve_api, write_api_address
 from p2pgpu.config import NodeConfig
 from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.hardware import HardwareReport
 from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
 from p2pgpu.core.ledger import CLAIM, HOLD, RECEIVE, RELEASE, SEND, MINT, Entry, Ledger
-from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq
+from p2pgpu.core.jobs import Prices
+from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name
+from p2pgpu.core.ranking import ProviderHistory, explain_no_match, rank
+from p2pgpu.core.units import format_coins
 from p2pgpu.core.protocols import offers_topic
 from p2pgpu.datadir import DataDir, read_genesis_file
-from p2pgpu.errors import ConfigError, ExecutionFailed, LedgerRuleViolation, P2PGPUError
+from p2pgpu.errors import ConfigError, ExecutionFailed, InsufficientFunds, LedgerRuleViolation, P2PGPUError
 from p2pgpu.executor import OllamaBackend
 from p2pgpu.gpu import probe
+from p2pgpu.jobrunner import ProviderService, run_job
 from p2pgpu.net import BootstrapConfig, GossipConfig, P2PHost, open_host
 from p2pgpu.net.peer_exchange import PeerExchange
 from p2pgpu.replication import LedgerReplicator
@@ -95,6 +100,9 @@ class Node:
         self._incoming = trio.Event()
         self._cancel: trio.CancelScope | None = None
         self.is_faucet = self.key.public_key == self.genesis.faucet
+        self.history = ProviderHistory()  # this node's own record of providers it used
+        self.provider_service: ProviderService | None = None
+        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -119,12 +127,18 @@ class Node:
                 )
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
+                    self._nursery = nursery
                     await nursery.start(PeerExchange(host).run)
                     await nursery.start(self.replicator.run)
                     await nursery.start(self._follow_offers)
                     nursery.start_soon(self._take_in_coins)
                     provider_scope = trio.CancelScope()
                     if config.provide:
+                        self.provider_service = ProviderService(
+                            host, self.replicator, self.ledger, self.key, self.backend,
+                            prices=Prices(config.price_in, config.price_out), slots=config.slots, now_ms=now_ms,
+                        )
+                        self.provider_service.start()
                         nursery.start_soon(self._provide, provider_scope)
                     self.api_port = await nursery.start(serve_api, create_app(self, self.token), config.api_port)
                     write_api_address(self.data_dir, self.api_port)
@@ -208,7 +222,7 @@ class Node:
                     models=[ModelOffer(m.name, m.warm, m.size_bytes) for m in models],
                     price_in=self.config.price_in,
                     price_out=self.config.price_out,
-                    slots_free=self.config.slots,
+                    slots_free=max(0, self.config.slots - (self.provider_service.active if self.provider_service else 0)),
                     slots_total=self.config.slots,
                     addrs=self.host.listen_addrs()[:8],
                     cpu=not self.hardware.gpus,
@@ -368,6 +382,118 @@ class Node:
         entries = await self.replicator.append(lambda ledger: ledger.send(self.key, recipient, amount, now_ms(), memo))
         return {"entry_id": entries[0].id.hex(), "amount": amount, "to": to}
 
+    async def submit(self, request: SubmitRequest) -> AsyncIterator[dict[str, Any]]:
+        """Run a job on the best provider, failing over to the next one.
+
+        Errors found before anything is streamed (no provider for the model,
+        not enough coins) are raised, so the API answers with an error
+        status. The job itself runs as a task of the node's nursery, feeding
+        a channel; closing this generator early (the client went away)
+        cancels the job, which then pays only for tokens delivered.
+        """
+        assert self._nursery is not None and self.ledger is not None
+        model = normalize_model_name(request.model)
+        now = now_ms()
+        offers = [o for o in self.book.live(now) if o.provider != self.key.public_key]
+        estimate = _prompt_estimate(request)
+        ranked = rank(offers, model, max_tokens=request.max_tokens, prompt_tokens_estimate=estimate,
+                      history=self.history, now_ms=now, max_price=request.max_price)
+        if not ranked:
+            raise ExecutionFailed(explain_no_match(offers, model, now, max_tokens=request.max_tokens,
+                                                   prompt_tokens_estimate=estimate, max_price=request.max_price))
+        spendable = self.ledger.spendable(self.key.public_key)
+        if spendable < ranked[0].cost:
+            raise InsufficientFunds(
+                f"this job may cost up to {format_coins(ranked[0].cost)} coins (held until it ends); "
+                f"you can spend {format_coins(spendable)}"
+            )
+        send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
+        cancel = trio.Event()
+        self._nursery.start_soon(self._run_submission, request, model, ranked, send, cancel)
+        try:
+            async with receive:
+                async for event in receive:
+                    yield event
+        finally:
+            cancel.set()
+
+    async def _run_submission(self, request: SubmitRequest, model: str, ranked: list, send, cancel: trio.Event) -> None:
+        """The body of a ``submit``, as a task of the node's nursery: it must
+        never raise (that would stop the node), and a reader that went away
+        cancels the job instead of breaking it."""
+
+        def emit(event: dict[str, Any]) -> None:
+            try:
+                send.send_nowait(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cancel.set()  # nobody is reading: stop the job, pay for what was delivered
+
+        async with send:
+            try:
+                emit(await self._attempts(request, model, ranked, emit, cancel))
+            except Exception as exc:  # noqa: BLE001 - a bug must not take the node down
+                log.exception("job submission failed")
+                emit({"type": "error", "error": f"internal error: {exc!r}", "kind": type(exc).__name__})
+
+    async def _attempts(self, request: SubmitRequest, model: str, ranked: list, emit, cancel: trio.Event) -> dict[str, Any]:
+        """Try providers best-first; returns the final event (done or error)."""
+        assert self.host is not None and self.replicator is not None and self.ledger is not None
+        messages = _with_system(request)
+        prompt = request.prompt if messages is None else None
+        candidates = ranked if request.retry else ranked[:1]
+        last_reason = "no provider was tried"
+        for attempt, choice in enumerate(candidates, start=1):
+            offer = choice.offer
+            emit({"type": "provider", "provider": offer.peer_id, "attempt": attempt,
+                  "price_in": offer.price_in, "price_out": offer.price_out})
+            started = now_ms()
+            try:
+                await self._reach(offer)
+                result = await run_job(
+                    self.host, self.replicator, self.ledger, self.key, offer.peer_id,
+                    Prices(offer.price_in, offer.price_out), model=model, prompt=prompt, messages=messages,
+                    max_tokens=request.max_tokens, now_ms=now_ms,
+                    on_tokens=lambda text: emit({"type": "token", "text": text}),
+                    max_prompt_tokens=_prompt_estimate(request), cancel=cancel,
+                )
+            except P2PGPUError as exc:
+                self.history.record_failure(offer.provider, now_ms(), str(exc))
+                last_reason = f"{offer.peer_id}: {exc}"
+            else:
+                if result.status == "completed":
+                    elapsed = max(1, now_ms() - started)
+                    self.history.record_success(
+                        offer.provider, now_ms(), int((result.ttft_s or elapsed / 1000) * 1000),
+                        result.tokens_per_s or result.tokens * 1000 / elapsed,
+                    )
+                    return _job_result_event(result)
+                self.history.record_failure(offer.provider, now_ms(), result.reason)
+                last_reason = f"{offer.peer_id}: {result.status}: {result.reason}"
+            if cancel.is_set():
+                return {"type": "error", "error": "the job was cancelled", "kind": "Cancelled"}
+            if attempt < len(candidates):
+                emit({"type": "retry", "provider": offer.peer_id, "reason": last_reason})
+        return {"type": "error", "error": f"the job did not complete ({last_reason})", "kind": "ExecutionFailed"}
+
+    async def _reach(self, offer: Any) -> None:
+        """Connect to a provider we only know from its offer: offers carry
+        the provider's listen addresses for exactly this (noise checks the
+        peer id, so a wrong address is only a failed dial)."""
+        assert self.host is not None
+        if self.host.is_connected(offer.peer_id):
+            return
+        failure: Exception | None = None
+        for addr in offer.addrs:
+            full = addr if "/p2p/" in addr else f"{addr}/p2p/{offer.peer_id}"
+            if not full.endswith(offer.peer_id):
+                continue
+            try:
+                await self.host.connect(full, timeout=5.0)
+                return
+            except P2PGPUError as exc:
+                failure = exc
+        raise ExecutionFailed(f"provider {offer.peer_id} is unreachable at its offered addresses ({failure})")
+
     async def faucet(self, to: str, amount: int) -> dict[str, Any]:
         assert self.replicator is not None
         if not self.is_faucet:
@@ -383,6 +509,42 @@ class Node:
 
         entries = await self.replicator.append(mint_and_send)
         return {"entry_id": entries[-1].id.hex(), "amount": amount, "to": to}
+
+
+def _with_system(request: SubmitRequest) -> list[tuple[str, str]] | None:
+    """Chat messages with the system prompt first; None for a plain prompt
+    (the job runner then sends ``prompt``; a system prompt rides along as
+    the first message of a chat instead)."""
+    if request.messages is None and request.system is None:
+        return None
+    messages = list(request.messages or ())
+    if request.system is not None:
+        messages.insert(0, ("system", request.system))
+    if request.prompt is not None:
+        messages.append(("user", request.prompt))
+    return messages
+
+
+def _prompt_estimate(request: SubmitRequest) -> int:
+    """Upper estimate of input tokens, as the job runner budgets the hold:
+    bytes of text plus a margin for the template (a token is >= 1 byte)."""
+    texts = [request.prompt or "", request.system or ""] + [c for _, c in (request.messages or ())]
+    return sum(len(t.encode()) for t in texts) + 64
+
+
+def _job_result_event(result: Any) -> dict[str, Any]:
+    receipt = result.receipt
+    return {
+        "type": "done",
+        "job_id": result.job_id.hex(),
+        "provider": result.provider,
+        "tokens": result.tokens,
+        "prompt_tokens": receipt.prompt_eval_count if receipt is not None else 0,
+        "cost": result.cost,
+        "tokens_per_s": result.tokens_per_s,
+        "ttft_s": result.ttft_s,
+        "release": result.release,
+    }
 
 
 def _history_item(ledger: Ledger, entry: Entry) -> dict[str, Any]:
