@@ -1,11 +1,9 @@
 #!/usr/bin/env python3
 """Three p2pgpu nodes on 127.0.0.1, each its own process: watch them find
-each other, see the provider's signed offer reach every node, move coins,
-and see every node agree on the ledger. Everything started is stopped at
-the end, by PID.
-
-(Streaming a job's tokens from the provider arrives with issue #4; this demo
-grows with it.)
+each other, see the provider's signed offer reach every node, stream a job's
+tokens from the provider's (stand-in) Ollama, and see the coins move by
+exactly the job's cost, identically on every node. Everything started is
+stopped at the end, by PID.
 """
 
 from __future__ import annotations
@@ -21,6 +19,8 @@ from p2pgpu.core.units import format_coins  # noqa: E402
 from p2pgpu.testing.devnet import Devnet  # noqa: E402
 
 NAMES = ["alice (provider, faucet)", "bob", "carol"]
+MODEL = "llama3.2:1b"
+MAX_TOKENS = 48
 
 
 def wait_until(condition, timeout: float, what: str) -> float:
@@ -62,13 +62,34 @@ def main() -> int:
               f" {offer['slots_free']}/{offer['slots_total']} slots, {'CPU' if offer['cpu'] else 'GPU'}")
 
         show_balances("Balances before:", clients)
-        print("\nbob sends carol 12.5 coins; alice's faucet gives bob 100 ...")
+        prompt = "Explain in one paragraph why peer-to-peer GPU markets matter."
+        print(f"\nbob submits a job to the network: {MODEL}, {MAX_TOKENS} tokens at most\n  > {prompt}\n")
+        done = None
+        sys.stdout.write("  ")
+        for event in clients[1].submit(MODEL, prompt, max_tokens=MAX_TOKENS):
+            if event["type"] == "provider":
+                who = "alice" if event["provider"] == net.peer_ids[0] else event["provider"][:16]
+                sys.stdout.write(f"[streaming from {who}] ")
+            elif event["type"] == "token":
+                sys.stdout.write(event["text"])
+            elif event["type"] == "done":
+                done = event
+            elif event["type"] == "error":
+                raise SystemExit(f"demo: the job failed: {event['error']}")
+            sys.stdout.flush()
+        assert done is not None
+        rate = f"{done['tokens_per_s']:.0f} tokens/s" if done["tokens_per_s"] else ""
+        print(f"\n\n  job done: {done['tokens']} tokens {rate}, cost {format_coins(done['cost'])} coins "
+              f"(paid to alice by bob's signed vouchers, claimed against his hold)")
+
+        print("\nand bob sends carol 12.5 coins ...")
         clients[1].send(net.peer_ids[2], 12_500_000, "demo")
-        clients[0].faucet(net.peer_ids[1], 100_000_000)
+        cost = done["cost"]
+        want = [format_coins(1_000_000_000 + cost), format_coins(987_500_000 - cost), "1012.5"]
         wait_until(
-            lambda: len({c.status()["state_hash"] for c in clients}) == 1
-            and balances(clients) == ["1000", "1087.5", "1012.5"],
-            30,
+            lambda: len({c.status()["state_hash"] for c in clients}) == 1 and balances(clients) == want
+            and clients[1].wallet(None)["held"] == 0,
+            60,
             "every node to agree",
         )
         show_balances("Balances after (identical ledger on every node):", clients)

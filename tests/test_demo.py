@@ -21,6 +21,6 @@ def test_demo_runs_to_the_end():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "offer book holds alice's signed offer" in out
-    assert "identical ledger on every node" in out
-    assert "1087.5" in out and "1012.5" in out
+    assert "[streaming from alice]" in out and "job done: 48 tokens" in out
+    assert "identical ledger on every node" in out and "1012.5" in out
     assert out.rstrip().endswith("All demo processes stopped.")
