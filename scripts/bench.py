@@ -320,7 +320,102 @@ def bench_sync(args) -> dict:
     return result
 
 
-SUITES = {"ledger": bench_ledger, "gossip": bench_gossip, "sync": bench_sync}
+def bench_job(args) -> dict:
+    """Jobs through the network against the same stand-in used directly.
+
+    Four node processes (3 providers, each with a stand-in at 500 tokens/s,
+    and a consumer). For the same prompts: time to first token and tokens/s
+    straight from a stand-in with the official client, and through
+    ``p2pgpu submit`` (API -> ranking -> hold -> libp2p stream -> provider ->
+    Ollama client -> vouchers). Then 20 jobs at once over the 3 providers.
+    """
+    import concurrent.futures
+
+    import ollama
+
+    from p2pgpu.testing.devnet import Devnet
+
+    rounds, max_tokens, rate = args.rounds, 200, 500.0
+    root = Path(tempfile.mkdtemp(prefix="p2pgpu-bench-job-"))
+    net = Devnet(root, nodes=4, providers=3, tokens_per_second=rate, heartbeat_s=1.0, offer_ttl_s=5.0, reply_tokens=1000)
+    print(f"job: 3 providers (stand-ins at {rate:.0f} tokens/s), 1 consumer; {rounds} prompts x {max_tokens} tokens")
+    try:
+        net.up(timeout=300)
+        consumer = net.nodes[3].client()
+        deadline = time.monotonic() + 60
+        while len(consumer.offers(None)) < 3:
+            if time.monotonic() > deadline:
+                raise SystemExit("offers did not reach the consumer")
+            time.sleep(0.1)
+        direct = ollama.Client(host=net.standins[0].host)
+        prompts = [f"benchmark prompt number {i}: tell me about GPUs" for i in range(rounds)]
+
+        def through_network(prompt: str) -> tuple[float, float, int, str]:
+            start = time.perf_counter()
+            first = None
+            count = 0
+            final = {}
+            for event in net.nodes[3].client().submit("llama3.2:1b", prompt, max_tokens=max_tokens):
+                if event["type"] == "token":
+                    count += 1
+                    first = first or time.perf_counter()
+                elif event["type"] in ("done", "error"):
+                    final = event
+            end = time.perf_counter()
+            return (first or end) - start, count / max(end - (first or end), 1e-9), count, final.get("type", "")
+
+        direct_ttft, direct_tps, net_ttft, net_tps = [], [], [], []
+        for prompt in prompts:
+            start = time.perf_counter()
+            first = None
+            count = 0
+            for chunk in direct.generate(model="llama3.2:1b", prompt=prompt, stream=True, options={"num_predict": max_tokens}):
+                if chunk.response:
+                    count += 1
+                    first = first or time.perf_counter()
+            end = time.perf_counter()
+            direct_ttft.append(first - start)
+            direct_tps.append(count / (end - first))
+            ttft, tps, count, kind = through_network(prompt)
+            if kind != "done" or count != max_tokens:
+                raise SystemExit(f"network job ended {kind} with {count} tokens")
+            net_ttft.append(ttft)
+            net_tps.append(tps)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+            start = time.perf_counter()
+            outcomes = list(pool.map(through_network, [f"concurrent job {i}" for i in range(20)]))
+            concurrent_s = time.perf_counter() - start
+        completed = sum(1 for *_, kind in outcomes if kind == "done")
+    finally:
+        net.down()
+        shutil.rmtree(root, ignore_errors=True)
+    added_ttft_ms = [1000 * (n - d) for n, d in zip(net_ttft, direct_ttft)]
+    result = {
+        "suite": "job",
+        "prompts": rounds,
+        "max_tokens": max_tokens,
+        "standin_tokens_per_s": rate,
+        "direct_ttft_ms_median": round(1000 * statistics.median(direct_ttft), 1),
+        "network_ttft_ms_median": round(1000 * statistics.median(net_ttft), 1),
+        "added_ttft_ms_median": round(statistics.median(added_ttft_ms), 1),
+        "direct_tokens_per_s_median": round(statistics.median(direct_tps), 1),
+        "network_tokens_per_s_median": round(statistics.median(net_tps), 1),
+        "throughput_ratio": round(statistics.median(net_tps) / statistics.median(direct_tps), 3),
+        "concurrent_jobs": 20,
+        "concurrent_completed": completed,
+        "concurrent_seconds": round(concurrent_s, 2),
+        "targets": {"added_ttft_ms_median": 15, "throughput_ratio": 0.95, "concurrent_completed": 20},
+        "machine": {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform()},
+    }
+    print(f"  time to first token: direct {result['direct_ttft_ms_median']} ms, through the network "
+          f"{result['network_ttft_ms_median']} ms: added {result['added_ttft_ms_median']} ms (target <= 15)")
+    print(f"  tokens/s: direct {result['direct_tokens_per_s_median']}, network {result['network_tokens_per_s_median']}: "
+          f"ratio {result['throughput_ratio']} (target >= 0.95)")
+    print(f"  20 concurrent jobs over 3 providers: {completed} completed in {result['concurrent_seconds']} s")
+    return result
+
+
+SUITES = {"ledger": bench_ledger, "gossip": bench_gossip, "sync": bench_sync, "job": bench_job}
 
 
 def main(argv: list[str] | None = None) -> int:

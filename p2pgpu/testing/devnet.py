@@ -56,12 +56,14 @@ class StandinProcess:
     models: tuple[str, ...] = DEFAULT_MODELS
     tokens_per_second: float = 200.0
     parallel: int = 4
+    default_length: int = 64  # tokens in a reply that ends on its own
     process: subprocess.Popen | None = None
     host: str | None = None
 
     def start(self, timeout: float = 30.0) -> str:
         args = [sys.executable, "-m", "p2pgpu.testing.ollama_standin", "--port", "0"]
         args += ["--tokens-per-second", str(self.tokens_per_second), "--parallel", str(self.parallel)]
+        args += ["--default-length", str(self.default_length)]
         for model in self.models:
             args += ["--model", model]
         log = open(self.log_path, "w")
@@ -150,6 +152,7 @@ class Devnet:
         sync_interval_s: float = 2.0,
         ollama_host: str | None = None,
         models: tuple[str, ...] = DEFAULT_MODELS,
+        reply_tokens: int = 64,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -161,6 +164,7 @@ class Devnet:
         self.sync_interval_s = sync_interval_s
         self.ollama_host = ollama_host
         self.models = models
+        self.reply_tokens = reply_tokens
         self.nodes: list[NodeProcess] = []
         self.standins: list[StandinProcess] = []
         self.genesis_path = self.root / "genesis.json"
@@ -212,7 +216,8 @@ class Devnet:
                 if self.ollama_host:
                     host = self.ollama_host
                 else:
-                    standin = StandinProcess(self.root / f"standin{index}.log", self.models, self.tokens_per_second)
+                    standin = StandinProcess(self.root / f"standin{index}.log", self.models, self.tokens_per_second,
+                                             parallel=8, default_length=self.reply_tokens)
                     host = standin.start()
                     self.standins.append(standin)
             node = NodeProcess(f"node{index}", self.root / f"node{index}", self.root / f"node{index}.log")
