@@ -35,6 +35,7 @@ import trio
 from p2pgpu.core.identity import NodeKey, public_key_from_peer_id
 from p2pgpu.core.jobs import (
     R_BUSY,
+    prompt_token_bound,
     R_HOLD,
     R_MODEL,
     R_OTHER,
@@ -73,7 +74,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ProviderService", "run_job", "JobResult", "wall_ms"]
 
 NowMs = Callable[[], int]
-PROMPT_TEMPLATE_TOKENS = 64  # chat template overhead on top of one token per prompt byte
 DEFAULT_HOLD_MS = 300_000
 DEFAULT_CREDIT_WINDOW = 32
 
@@ -490,8 +490,7 @@ async def run_job(
     """
     msgs = None if messages is None else tuple((role, content) for role, content in messages)
     if max_prompt_tokens is None:
-        body_len = len(prompt.encode()) if prompt is not None else sum(len(c.encode()) + 4 for _, c in msgs or ())
-        max_prompt_tokens = body_len + PROMPT_TEMPLATE_TOKENS
+        max_prompt_tokens = prompt_token_bound(prompt, msgs)
     provider_key = public_key_from_peer_id(provider_peer_id)
     network_id = ledger.network_id
     job_id = secrets.token_bytes(16)

@@ -38,7 +38,7 @@ from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.hardware import HardwareReport
 from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
 from p2pgpu.core.ledger import CLAIM, HOLD, RECEIVE, RELEASE, SEND, MINT, Entry, Ledger
-from p2pgpu.core.jobs import Prices
+from p2pgpu.core.jobs import Prices, prompt_token_bound
 from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name
 from p2pgpu.core.ranking import ProviderHistory, explain_no_match, rank
 from p2pgpu.core.units import format_coins
@@ -526,10 +526,10 @@ def _with_system(request: SubmitRequest) -> list[tuple[str, str]] | None:
 
 
 def _prompt_estimate(request: SubmitRequest) -> int:
-    """Upper estimate of input tokens, as the job runner budgets the hold:
-    bytes of text plus a margin for the template (a token is >= 1 byte)."""
-    texts = [request.prompt or "", request.system or ""] + [c for _, c in (request.messages or ())]
-    return sum(len(t.encode()) for t in texts) + 64
+    """The hold's bound on input tokens for this request, computed on what
+    will actually be sent (the core's one formula)."""
+    messages = _with_system(request)
+    return prompt_token_bound(request.prompt if messages is None else None, messages)
 
 
 def _job_result_event(result: Any) -> dict[str, Any]:

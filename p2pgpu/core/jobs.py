@@ -105,7 +105,7 @@ from p2pgpu.errors import MalformedInput, P2PGPUError, PeerMisbehaved
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Prices", "job_cost", "covered_tokens", "output_hash",
+    "Prices", "job_cost", "prompt_token_bound", "covered_tokens", "output_hash",
     "JobRequest", "Receipt", "make_request", "decode_request", "make_receipt", "decode_receipt",
     "ConsumerSession", "ProviderSession", "ConsumerState", "ProviderState", "SessionConfig",
     "Send", "Deliver", "Pause", "Resume", "StopGeneration", "Claim", "ReleaseHold",
@@ -161,6 +161,19 @@ class Prices(NamedTuple):
 
     price_in: int
     price_out: int
+
+
+PROMPT_TEMPLATE_TOKENS = 64  # margin for the chat template Ollama wraps around the text
+MESSAGE_OVERHEAD_TOKENS = 4  # role markers per chat message
+
+
+def prompt_token_bound(prompt: str | None = None, messages=None) -> int:
+    """An upper bound on a job's input tokens, known before it runs (the
+    hold must cover it): every token is at least one byte of text, plus the
+    template's margin and a few tokens per chat message."""
+    if prompt is not None:
+        return len(prompt.encode()) + PROMPT_TEMPLATE_TOKENS
+    return sum(len(content.encode()) + MESSAGE_OVERHEAD_TOKENS for _, content in messages or ()) + PROMPT_TEMPLATE_TOKENS
 
 
 def job_cost(prices: Prices, in_tokens: int, out_tokens: int) -> int:
