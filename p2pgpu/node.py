@@ -208,6 +208,9 @@ class Node:
                 beats += 1
                 if not models:
                     raise ExecutionFailed(f"Ollama at {self.backend.host} serves no models")
+                if self.provider_service is not None:
+                    # admission checks this heartbeat's list instead of asking Ollama per request
+                    self.provider_service.models = {normalize_model_name(m.name) for m in models}
                 if not self.hardware.gpus and not self.config.offer_cpu:
                     raise ExecutionFailed("no GPU found (set offer_cpu = true to offer CPU inference)")
                 now = now_ms()
