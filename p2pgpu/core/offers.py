@@ -209,8 +209,9 @@ def normalize_model_name(name: str) -> str:
     and ``registry.ollama.ai/`` and ``library/`` dropped (Ollama treats
     ``registry.ollama.ai/library/llama3.2`` and ``llama3.2`` as one model).
 
-    Same rule as the Ollama stand-in in ``p2pgpu.testing``, so a name a user
-    types, the name a provider's Ollama lists and the name in an offer meet.
+    The one definition: offers, ranking, jobs and the Ollama stand-in all use
+    it, so a name a user types, the name a provider's Ollama lists and the
+    name in an offer meet.
     """
     name = name.strip().lower()
     for prefix in ("registry.ollama.ai/", "library/"):

@@ -93,6 +93,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+# The one rule for model identity, shared with offers and ranking (and
+# re-exported here, where tests have always found it).
+from p2pgpu.core.offers import normalize_model_name
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -163,21 +167,6 @@ _PUNCTUATION: Final = (".", ",")
 # ---------------------------------------------------------------------------
 # The pure part: names, cards, replies, embeddings, durations.
 # ---------------------------------------------------------------------------
-
-
-def normalize_model_name(name: str) -> str:
-    """Ollama's model identity: lower case, ``:latest`` when no tag is given.
-
-    ``registry.ollama.ai/library/`` is dropped too, since Ollama treats
-    ``registry.ollama.ai/library/llama3.2`` and ``llama3.2`` as one model.
-    """
-    name = name.strip().lower()
-    for prefix in ("registry.ollama.ai/", "library/"):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    if name and ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return name
 
 
 @dataclass(frozen=True, slots=True)
