@@ -13,28 +13,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-import nacl.bindings
-import nacl.exceptions
-
-from p2pgpu.core.ledger import Ledger, signature_items
-
-SIGNATURE_SIZE = 64
-
-
-def _verify_chunk(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
-    out = []
-    open_signed = nacl.bindings.crypto_sign_open
-    for public_key, message, signature in items:
-        if len(signature) != SIGNATURE_SIZE or len(public_key) != 32:
-            out.append(False)
-            continue
-        try:
-            open_signed(signature + message, public_key)
-            out.append(True)
-        except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
-            out.append(False)
-    return out
-
+from p2pgpu.core.ledger import Ledger, signature_items, verify_sequentially
 
 class PendingVerdicts:
     """Verdicts still being computed by the pool, in submission order."""
@@ -59,7 +38,7 @@ class ThreadedVerifier:
 
     def __call__(self, items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
         if self.threads == 1 or len(items) < self.min_batch:
-            return _verify_chunk(items)
+            return verify_sequentially(items)
         return self.submit(items).result()
 
     def submit(self, items: list[tuple[bytes, bytes, bytes]]) -> "PendingVerdicts":
@@ -70,7 +49,7 @@ class ThreadedVerifier:
         on pool tasks would deadlock once every worker held such a task.
         """
         size = max(1, -(-len(items) // self.threads))
-        return PendingVerdicts([self._pool.submit(_verify_chunk, items[i : i + size]) for i in range(0, len(items), size)])
+        return PendingVerdicts([self._pool.submit(verify_sequentially, items[i : i + size]) for i in range(0, len(items), size)])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
