@@ -37,7 +37,7 @@ from p2pgpu.config import NodeConfig
 from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.hardware import HardwareReport
 from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
-from p2pgpu.core.ledger import CLAIM, HOLD, RECEIVE, RELEASE, SEND, MINT, Entry, Ledger
+from p2pgpu.core.ledger import SEND, Entry, Ledger, StatementLine
 from p2pgpu.core.jobs import Prices, prompt_token_bound
 from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name
 from p2pgpu.core.ranking import ProviderHistory, explain_no_match, rank
@@ -376,7 +376,7 @@ class Node:
             "pending_in": state.pending_in,
             "spendable": self.ledger.spendable(public_key),
             "frozen": state.frozen,
-            "history": [_history_item(self.ledger, e) for e in reversed(self.ledger.history(public_key, last=HISTORY_LIMIT))],
+            "history": [_statement_item(line) for line in self.ledger.statement(public_key, last=HISTORY_LIMIT)],
         }
 
     async def send(self, to: str, amount: int, memo: str) -> dict[str, Any]:
@@ -550,38 +550,18 @@ def _job_result_event(result: Any) -> dict[str, Any]:
     }
 
 
-def _history_item(ledger: Ledger, entry: Entry) -> dict[str, Any]:
-    """One line of a wallet's history, from the account's own entry."""
-    body = entry.body
-    item: dict[str, Any] = {
-        "id": entry.id.hex(),
-        "seq": entry.seq,
-        "kind": {MINT: "mint", SEND: "send", RECEIVE: "receive", HOLD: "hold", CLAIM: "claim", RELEASE: "release"}[entry.kind],
-        "timestamp_ms": entry.timestamp_ms,
-        "counterparty": None,
-        "amount": 0,
-        "memo": "",
-        "direction": "out",
+def _statement_item(line: StatementLine) -> dict[str, Any]:
+    """A ledger statement line as the API shows it (peer ids, hex)."""
+    return {
+        "id": line.entry_id.hex(),
+        "seq": line.seq,
+        "kind": line.kind,
+        "timestamp_ms": line.timestamp_ms,
+        "counterparty": peer_id_from_public_key(line.counterparty) if line.counterparty else None,
+        "amount": line.amount,
+        "memo": line.memo,
+        "direction": line.direction,
     }
-    if entry.kind == MINT:
-        item.update(amount=body.amount, memo=body.memo, direction="in")  # type: ignore[union-attr]
-    elif entry.kind == SEND:
-        item.update(amount=body.amount, memo=body.memo, counterparty=peer_id_from_public_key(body.to))  # type: ignore[union-attr]
-    elif entry.kind == RECEIVE:
-        sent = ledger.get_entry(body.send_id)  # type: ignore[union-attr]
-        if sent is not None:
-            item.update(amount=sent.body.amount, memo=sent.body.memo, counterparty=peer_id_from_public_key(sent.author), direction="in")  # type: ignore[union-attr]
-    elif entry.kind == HOLD:
-        item.update(amount=body.amount, counterparty=peer_id_from_public_key(body.provider))  # type: ignore[union-attr]
-    elif entry.kind == CLAIM:
-        item.update(amount=body.amount, direction="in", counterparty=peer_id_from_public_key(body.voucher.signer))  # type: ignore[union-attr]
-    elif entry.kind == RELEASE:
-        hold = ledger.get_entry(body.hold_id)  # type: ignore[union-attr]
-        status = ledger.hold_status(body.hold_id)  # type: ignore[union-attr]
-        item.update(direction="in", amount=status[1] if status else 0)
-        if hold is not None:
-            item["counterparty"] = peer_id_from_public_key(hold.body.provider)  # type: ignore[union-attr]
-    return item
 
 
 async def run_until_signalled(config: NodeConfig) -> None:

@@ -397,6 +397,21 @@ class AccountState:
 
 
 @dataclass(frozen=True, slots=True)
+class StatementLine:
+    """One line of an account's statement, read from one of its own entries:
+    what moved, to or from whom, and which way."""
+
+    entry_id: bytes
+    seq: int
+    kind: str
+    timestamp_ms: int
+    counterparty: bytes | None  # public key; None for a mint
+    amount: int
+    memo: str
+    direction: str  # "in" or "out"
+
+
+@dataclass(frozen=True, slots=True)
 class ApplyResult:
     """What became of one offered entry.
 
@@ -680,6 +695,37 @@ class Ledger:
         head = self.head(public_key)
         from_seq = 1 if last is None or head is None else max(1, head[0] - last + 1)
         return [decode_entry(w, self.network_id, verify=False) for w in self.chain(public_key, from_seq, 10**9)]
+
+    def statement(self, public_key: bytes, last: int | None = None) -> list[StatementLine]:
+        """The account's statement, newest first (only the ``last`` few
+        entries when given). A RELEASE shows what came back as settled so
+        far; a RECEIVE shows the send it took in."""
+        lines = []
+        for entry in reversed(self.history(public_key, last)):
+            body = entry.body
+            counterparty, amount, memo, direction = None, 0, "", "out"
+            if isinstance(body, Mint):
+                amount, memo, direction = body.amount, body.memo, "in"
+            elif isinstance(body, Send):
+                counterparty, amount, memo = body.to, body.amount, body.memo
+            elif isinstance(body, Receive):
+                direction = "in"
+                sent = self.get_entry(body.send_id)
+                if sent is not None:
+                    counterparty, amount, memo = sent.author, sent.body.amount, sent.body.memo  # type: ignore[union-attr]
+            elif isinstance(body, Hold):
+                counterparty, amount = body.provider, body.amount
+            elif isinstance(body, Claim):
+                counterparty, amount, direction = body.voucher.signer, body.amount, "in"
+            elif isinstance(body, Release):
+                direction = "in"
+                settled = self.hold_status(body.hold_id)
+                amount = settled[1] if settled else 0
+                hold = self._index(body.hold_id)
+                counterparty = hold.facts[0] if hold is not None else None
+            lines.append(StatementLine(entry.id, entry.seq, KIND_NAMES[entry.kind], entry.timestamp_ms,
+                                       counterparty, amount, memo, direction))
+        return lines
 
     def receivable(self, public_key: bytes) -> list[tuple[bytes, int]]:
         """(send id, amount) of sends to this account not yet received."""
