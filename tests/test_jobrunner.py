@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -27,6 +27,7 @@ from p2pgpu.net import GossipConfig, P2PHost, StreamAborted, open_host
 from p2pgpu.replication import LedgerReplicator
 from p2pgpu.testing.ledger import key_for, make_genesis
 from p2pgpu.testing.ollama_standin import OllamaStandin, serve_standin
+from p2pgpu.testing.waiting import wait_until
 
 DEADLINE = 30.0
 MODEL = "llama3.2:1b"
@@ -41,10 +42,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.02)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -38,16 +38,13 @@ from p2pgpu.net import (
     StreamAborted,
     open_host,
 )
+from p2pgpu.testing.waiting import wait_until
 
 DEADLINE = 15  # seconds for anything that should take milliseconds
 TOPIC = offers_topic("00112233aabbccdd")
 HELPER = Path(__file__).with_name("net_echo_peer.py")
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.01)
 
 
 def port_of(addr: str) -> int:

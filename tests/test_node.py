@@ -11,7 +11,6 @@ tests/test_devnet.py.
 
 from __future__ import annotations
 
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,19 +29,13 @@ from p2pgpu.datadir import DataDir
 from p2pgpu.net import GossipConfig, open_host
 from p2pgpu.node import Node, now_ms
 from p2pgpu.testing.ollama_standin import serve_standin
+from p2pgpu.testing.waiting import wait_until as wait_for
 
 HEARTBEAT_S = 0.5
 TTL_S = 2.0
 MALLORY = NodeKey(b"m" * 32)
 
 
-async def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> float:
-    """Poll ``condition`` until true; returns the seconds it took."""
-    start = time.monotonic()
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
-    return time.monotonic() - start
 
 
 def first_loopback(addrs: list[str]) -> str:

@@ -11,7 +11,7 @@ must prove that gossip, or the sync on connect, did the work.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from p2pgpu.net import FrameStream, GossipConfig, P2PHost, StreamAborted, open_h
 from p2pgpu.replication import LedgerReplicator
 from p2pgpu.store import LevelDBStore
 from p2pgpu.testing.ledger import NAMES, START_MS, LedgerSim, key_for, make_genesis
+from p2pgpu.testing.waiting import wait_until
 
 DEADLINE = 30  # seconds for anything that should take well under one
 NAMES6 = (*NAMES, "mallory")
@@ -51,10 +52,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    with trio.fail_after(timeout):
-        while not cond():
-            await trio.sleep(0.02)
 
 
 @dataclass
