@@ -35,11 +35,10 @@ import trio
 from p2pgpu.core.identity import NodeKey, public_key_from_peer_id
 from p2pgpu.core.jobs import (
     R_BUSY,
+    admission_refusal,
     prompt_token_bound,
     R_HOLD,
-    R_MODEL,
     R_OTHER,
-    R_PRICE,
     Claim,
     Completed,
     ConsumerSession,
@@ -336,12 +335,9 @@ class ProviderService:
             served = await self._served_models()
         except ExecutionFailed as exc:
             return R_OTHER, f"backend unavailable: {exc}"[:200]
-        if request.model not in served:
-            return R_MODEL, f"model {request.model} is not served here"
-        if request.prices.price_in < self.prices.price_in or request.prices.price_out < self.prices.price_out:
-            return R_PRICE, f"prices below ours ({self.prices.price_in}/{self.prices.price_out} per million)"
-        if self.active >= self.slots:
-            return R_BUSY, "no free slot"
+        refusal = admission_refusal(request, served_models=served, prices=self.prices, active=self.active, slots=self.slots)
+        if refusal is not None:
+            return refusal
         results = await self.replicator.offer([request.hold.wire])
         result = results[0]
         if not isinstance(result, ApplyResult) or result.status not in ("applied", "duplicate"):

@@ -790,3 +790,16 @@ def test_provider_cancel_while_paused():
     assert p.state is ProviderState.SETTLING and p.next_deadline() == START_MS + CONFIG.settle_ms
     assert p.on_timer(START_MS + CONFIG.settle_ms) == [] and p.state is ProviderState.DONE  # no voucher: no claim
     assert p.receive(encode_frame(jobs.CANCEL, JOB_ID, jobs.R_USER, "late"), START_MS) == []  # DONE ignores
+
+
+def test_admission_refusals_come_from_the_provider_state_alone():
+    from p2pgpu.core.jobs import R_BUSY, R_MODEL, R_PRICE, admission_refusal
+
+    _, _, signed, body = make_job()
+    request = decode_request(signed.wire, body, NET_ID)
+    ours = Prices(request.prices.price_in, request.prices.price_out)
+    ok = dict(served_models={request.model}, prices=ours, active=0, slots=1)
+    assert admission_refusal(request, **ok) is None
+    assert admission_refusal(request, **{**ok, "served_models": set()})[0] == R_MODEL
+    assert admission_refusal(request, **{**ok, "prices": Prices(ours.price_in + 1, ours.price_out)})[0] == R_PRICE
+    assert admission_refusal(request, **{**ok, "active": 1})[0] == R_BUSY

@@ -105,7 +105,7 @@ from p2pgpu.errors import MalformedInput, P2PGPUError, PeerMisbehaved
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Prices", "job_cost", "prompt_token_bound", "covered_tokens", "output_hash",
+    "Prices", "job_cost", "prompt_token_bound", "admission_refusal", "covered_tokens", "output_hash",
     "JobRequest", "Receipt", "make_request", "decode_request", "make_receipt", "decode_receipt",
     "ConsumerSession", "ProviderSession", "ConsumerState", "ProviderState", "SessionConfig",
     "Send", "Deliver", "Pause", "Resume", "StopGeneration", "Claim", "ReleaseHold",
@@ -174,6 +174,24 @@ def prompt_token_bound(prompt: str | None = None, messages=None) -> int:
     if prompt is not None:
         return len(prompt.encode()) + PROMPT_TEMPLATE_TOKENS
     return sum(len(content.encode()) + MESSAGE_OVERHEAD_TOKENS for _, content in messages or ()) + PROMPT_TEMPLATE_TOKENS
+
+
+def admission_refusal(request: "JobRequest", *, served_models: set[str], prices: Prices,
+                      active: int, slots: int) -> tuple[int, str] | None:
+    """Why a provider must refuse ``request`` before touching its ledger:
+    (reason code, text), or None when it may go on to check the hold.
+
+    The checks a provider makes from its own state alone: the model is
+    served, the request pays at least the advertised prices, and a slot is
+    free (advertised slots are real: that is the node's admission control).
+    """
+    if request.model not in served_models:
+        return R_MODEL, f"model {request.model} is not served here"
+    if request.prices.price_in < prices.price_in or request.prices.price_out < prices.price_out:
+        return R_PRICE, f"prices below ours ({prices.price_in}/{prices.price_out} per million)"
+    if active >= slots:
+        return R_BUSY, "no free slot"
+    return None
 
 
 def job_cost(prices: Prices, in_tokens: int, out_tokens: int) -> int:
