@@ -9,7 +9,7 @@ Ollama is ``Busy``.
 
 Streaming (``OllamaBackend.stream``) is an async context manager around an
 async iterator, so leaving the block, early or by cancellation, always closes
-the HTTP stream and the client: Ollama sees the disconnect and stops decoding.
+the HTTP stream and its connection: Ollama sees the disconnect and stops decoding.
 What a consumer asks for is normalised here: only ``num_predict``, ``seed`` and
 ``temperature`` reach Ollama, never load-time options such as ``num_ctx`` or
 ``num_gpu`` (each new value reloads the model, reference §4 "reload thrash"),
@@ -188,12 +188,36 @@ class OllamaBackend:
         self._timeout_s = timeout_s
         self._read_timeout_s = read_timeout_s
         self.keep_alive_s = clamp_keep_alive(keep_alive_s)
+        self._clients: dict[bool, ollama.AsyncClient] = {}
+        self._clients_token: object = None
 
-    def _client(self, timeout: float | httpx.Timeout | None = None) -> ollama.AsyncClient:
-        # One client per call: httpx async clients are bound to the event loop
-        # they were first used in, and inventory calls are rare (one per
-        # heartbeat), so the connection setup is not worth keeping.
-        return ollama.AsyncClient(host=self.host, timeout=timeout or self._timeout_s)
+    def _client(self, *, streaming: bool = False) -> ollama.AsyncClient:
+        """The backend's client for this trio run, made once and kept.
+
+        Building an ``ollama.AsyncClient`` costs 30–40 ms of CPU (httpx loads
+        the CA bundle into a fresh SSL context every time, even for plain
+        http), which was most of the time a job took to its first token, and
+        a new TCP connection per call on top. So the backend keeps two
+        pooled clients (inventory calls with the short timeout, streams with
+        the long read timeout). httpx clients belong to the event loop that
+        first used them, so a client is rebuilt when the trio run changes.
+        """
+        token = trio.lowlevel.current_trio_token()
+        if self._clients_token is not token:
+            self._clients = {}
+            self._clients_token = token
+        client = self._clients.get(streaming)
+        if client is None:
+            timeout = httpx.Timeout(self._timeout_s, read=self._read_timeout_s) if streaming else self._timeout_s
+            client = self._clients[streaming] = ollama.AsyncClient(host=self.host, timeout=timeout)
+        return client
+
+    async def aclose(self) -> None:
+        """Close the pooled connections (the node calls this on shutdown)."""
+        clients, self._clients = self._clients, {}
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_S):
+            for client in clients.values():
+                await client.close()
 
     async def models(self) -> list[LocalModel]:
         """Every model this Ollama serves (``/api/tags``), marked warm when
@@ -204,9 +228,6 @@ class OllamaBackend:
             loaded = await client.ps()
         except _CLIENT_ERRORS as exc:
             raise self._failure(exc) from exc
-        finally:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_S):
-                await client.close()
         warm = {m.model for m in loaded.models if m.model}
         # sizes arrive as pydantic ByteSize; the wire wants plain ints
         return [LocalModel(m.model, None if m.size is None else int(m.size), m.model in warm) for m in tags.models if m.model]
@@ -223,18 +244,16 @@ class OllamaBackend:
         Iteration raises ``ExecutionFailed`` (``ModelNotFound``, ``Busy``),
         after any chunks already delivered. Leaving the block, early or by
         cancellation, closes the HTTP stream, so Ollama stops generating."""
-        client = self._client(httpx.Timeout(self._timeout_s, read=self._read_timeout_s))
-        events = self._events(client, request)
+        events = self._events(self._client(streaming=True), request)
         try:
             yield events
         finally:
             # Shielded, but bounded: closing must happen even when the caller
-            # was cancelled, or the connection (and the generation) leaks.
+            # was cancelled, or the generation goes on. Closing a response
+            # before its end closes its connection (httpx cannot reuse it),
+            # so Ollama sees the disconnect and stops decoding.
             with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_S):
-                try:
-                    await events.aclose()
-                finally:
-                    await client.close()
+                await events.aclose()
 
     async def _events(self, client: ollama.AsyncClient, request: GenerationRequest) -> AsyncIterator[Event]:
         chat = request.messages is not None

@@ -2,9 +2,19 @@
 """Benchmarks: ours against the reference ceiling, side by side, in one run.
 
     scripts/bench.py ledger [--json] [--entries N] [--runs R]
+    scripts/bench.py gossip [--json] [--nodes N] [--rounds R] [--settle S]
+    scripts/bench.py sync [--json] [--entries N]
+    scripts/bench.py job [--json] [--rounds R]
+    scripts/bench.py all [--json] [--out DIR] [--gossip-nodes 5,10,15,20] [--quick]
 
 Each suite prints human-readable lines, then (with --json) one JSON object as
 the very last line. Speed is measured here, never asserted in tests.
+
+``all`` runs ledger, sync, job, then gossip at each of --gossip-nodes, and
+writes DIR/benchmarks.json (the machine, the command, every suite's dict),
+DIR/img/*.png and DIR/benchmarks.md (DIR defaults to docs/). It needs
+matplotlib: ``pip install -e '.[bench]'``. ``--quick`` uses smoke-test sizes
+(about a minute; the figures mean nothing): send it to another --out.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import statistics
 import sys
@@ -22,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_report, bench_plots
 
 import nacl.bindings  # noqa: E402
 
@@ -235,7 +247,8 @@ def bench_gossip(args) -> dict:
     try:
         start = time.monotonic()
         net.up(timeout=300)
-        print(f"  all {n} nodes up in {time.monotonic() - start:.1f} s")
+        up_seconds = time.monotonic() - start
+        print(f"  all {n} nodes up in {up_seconds:.1f} s")
         clients = [node.client() for node in net.nodes[1:]]
         deadline = time.monotonic() + 120
         while not all(c.offers(None) for c in clients):
@@ -259,8 +272,10 @@ def bench_gossip(args) -> dict:
         before = {pid: _proc_sample(pid) for pid in pids}
         window = 5.0
         time.sleep(window)
+        if not all(node.running for node in net.nodes):
+            raise SystemExit("a node process exited during the idle window")
         after = {pid: _proc_sample(pid) for pid in pids}
-        rss_mb = [after[pid][0] / 2**20 for pid in pids]
+        rss_mb = [after[pid][0] / 2**20 for pid in pids]  # one figure per node process
         cpu_pct = [100 * (after[pid][1] - before[pid][1]) / window for pid in pids]
     finally:
         net.down()
@@ -268,6 +283,7 @@ def bench_gossip(args) -> dict:
     result = {
         "suite": "gossip",
         "nodes": n,
+        "offers_requested": rounds,
         "offers_measured": len(complete),
         "every_node_median_ms": statistics.median(all_nodes_ms),
         "every_node_p95_ms": _percentile(all_nodes_ms, 0.95),
@@ -277,6 +293,11 @@ def bench_gossip(args) -> dict:
         "idle_rss_mb_max": round(max(rss_mb), 1),
         "idle_cpu_percent_median": round(statistics.median(cpu_pct), 2),
         "idle_cpu_percent_max": round(max(cpu_pct), 2),
+        "idle_rss_mb_per_node": [round(x, 1) for x in rss_mb],
+        "idle_cpu_percent_per_node": [round(x, 2) for x in cpu_pct],
+        "idle_window_s": window,
+        "up_seconds": round(up_seconds, 1),
+        "heartbeat_s": heartbeat,
         "machine": {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform()},
     }
     print(f"  time until every node holds an offer: median {result['every_node_median_ms']} ms, "
@@ -312,7 +333,7 @@ def bench_sync(args) -> dict:
             nacl.bindings.crypto_sign_open(signed_message, public_key)
         result["raw_verify_per_s"] = round(len(verify_items) / (time.perf_counter() - start))
     result["node_rss_mb_after"] = round(_proc_sample(os.getpid())[0] / 2**20, 1)
-    result.update(suite="sync", target_entries_per_s=5_000)
+    result.update(suite="sync", target_entries_per_s=5_000, targets={"entries_per_s": 5_000})
     result["machine"] = {"python": platform.python_version(), "cores": os.cpu_count(), "platform": platform.platform()}
     print(f"  {result['entries']} entries in {result['seconds']} s: {result['entries_per_s']:,.0f} entries/s "
           f"(target 5,000); state hashes equal: {result['state_hash_equal']}")
@@ -417,21 +438,124 @@ def bench_job(args) -> dict:
 
 SUITES = {"ledger": bench_ledger, "gossip": bench_gossip, "sync": bench_sync, "job": bench_job}
 
+# sizes when an option is not given: one suite on its own, `all`, and `all --quick`
+DEFAULTS = {"entries": 20_000, "runs": 3, "nodes": 10, "rounds": 20, "settle": 10.0}
+ALL_DEFAULTS = {"entries": 20_000, "runs": 3, "sync_entries": 50_000, "job_rounds": 20,
+                "gossip_nodes": "5,10,15,20", "rounds": 20, "settle": 10.0}
+QUICK_DEFAULTS = {"entries": 2_000, "runs": 1, "sync_entries": 2_000, "job_rounds": 3,
+                  "gossip_nodes": "3,5", "rounds": 5, "settle": 2.0}
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+BENCH_EXTRA_HINT = "pip install -e '.[bench]'"
+
+
+def require_matplotlib() -> None:
+    """`all` draws plots; say how to get matplotlib before spending minutes on suites."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "scripts/bench.py all draws its plots with matplotlib, which is not installed.\n"
+            f"Install the bench extra:  {BENCH_EXTRA_HINT}"
+        ) from None
+
+
+def _node_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise SystemExit(f"--gossip-nodes takes node counts separated by commas, not {text!r}") from None
+    if not counts or min(counts) < 2:
+        raise SystemExit("--gossip-nodes needs node counts of at least 2 (a provider and a listener)")
+    return counts
+
+
+def _run_suite(name: str, args: argparse.Namespace, **overrides) -> tuple[dict, float]:
+    """One suite with its own copy of the options; a failure is recorded, not raised."""
+    suite_args = argparse.Namespace(**{**vars(args), **overrides})
+    print(f"\n== {name} " + " ".join(f"{k}={v}" for k, v in overrides.items()), flush=True)
+    start = time.monotonic()
+    try:
+        result = SUITES[name](suite_args)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the other suites still run, the error is shown
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        message = str(exc.code) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        print(f"  {name} FAILED: {message}", flush=True)
+        result = {"suite": name, "error": message, **overrides}
+    return result, round(time.monotonic() - start, 1)
+
+
+def bench_all(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Every suite (gossip at each of --gossip-nodes), then benchmarks.json,
+    the plots and benchmarks.md under --out."""
+    require_matplotlib()
+    import bench_report
+
+    out = Path(args.out)
+    counts = _node_counts(args.gossip_nodes)
+    command = "scripts/bench.py " + shlex.join(argv)
+    machine = bench_report.machine_info()
+    print(f"all: ledger, sync, job, gossip at {counts} nodes -> {out}"
+          + (" (quick: smoke-test sizes)" if args.quick else ""))
+    print(f"  {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, Python {machine['python']}, "
+          f"load {machine['load_average_at_start']}")
+    started = time.monotonic()
+    suites: dict = {}
+    seconds: dict = {}
+    suites["ledger"], seconds["ledger"] = _run_suite("ledger", args, entries=args.entries, runs=args.runs)
+    suites["sync"], seconds["sync"] = _run_suite("sync", args, entries=args.sync_entries)
+    suites["job"], seconds["job"] = _run_suite("job", args, rounds=args.job_rounds)
+    suites["gossip"] = []
+    for count in counts:
+        result, seconds[f"gossip_{count}"] = _run_suite("gossip", args, nodes=count, rounds=args.rounds,
+                                                         settle=args.settle)
+        suites["gossip"].append(result)
+    results = {
+        "command": command,
+        "quick": bool(args.quick),
+        "machine": machine,
+        "duration_s": round(time.monotonic() - started, 1),
+        "suite_seconds": seconds,
+        "suites": suites,
+    }
+    results["failed"] = [r["suite"] for r in [suites["ledger"], suites["sync"], suites["job"], *suites["gossip"]]
+                         if "error" in r]
+    written = bench_report.write_report(results, out)
+    print("\nwrote:")
+    for path in written.values():
+        print(f"  {path}")
+    if results["failed"]:
+        print(f"FAILED: {', '.join(results['failed'])} (shown as failed in benchmarks.md)")
+    return results
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("suite", choices=[*sorted(SUITES), "all"])
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--entries", type=int, default=20_000)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--nodes", type=int, default=10, help="gossip: node processes")
-    parser.add_argument("--rounds", type=int, default=20, help="gossip: offers to measure")
-    parser.add_argument("--settle", type=float, default=10.0, help="gossip: seconds to let the mesh form first")
+    parser.add_argument("--entries", type=int, help="ledger (and sync on its own): entries [20000; quick 2000]")
+    parser.add_argument("--runs", type=int, help="ledger: interleaved runs [3; quick 1]")
+    parser.add_argument("--nodes", type=int, help="gossip: node processes [10]")
+    parser.add_argument("--rounds", type=int, help="gossip (and job on its own): offers or prompts [20; quick 5]")
+    parser.add_argument("--settle", type=float, help="gossip: seconds to let the mesh form first [10; quick 2]")
+    parser.add_argument("--gossip-nodes", help="all: gossip node counts, comma-separated [5,10,15,20; quick 3,5]")
+    parser.add_argument("--sync-entries", type=int, help="all: entries the sync suite catches up [50000; quick 2000]")
+    parser.add_argument("--job-rounds", type=int, help="all: prompts in the job suite [20; quick 3]")
+    parser.add_argument("--out", default=str(DOCS), help="all: where benchmarks.json, .md and img/ go [docs/]")
+    parser.add_argument("--quick", action="store_true", help="all: smoke-test sizes, about a minute")
     args = parser.parse_args(argv)
-    result = SUITES[args.suite](args)
+    defaults = DEFAULTS if args.suite != "all" else QUICK_DEFAULTS if args.quick else ALL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.suite == "all":
+        result = bench_all(args, argv)
+    else:
+        result = SUITES[args.suite](args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
-    return 0
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":
