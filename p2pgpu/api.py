@@ -34,6 +34,16 @@ Routes (all JSON; amounts are integer base units, see ``p2pgpu.core.units``)::
                                    "system"?: S, "max_tokens"?: N, "max_price"?: N | "max_price_coins"?: "1.5",
                                    "retry"?: bool}
                                   -> 200 application/x-ndjson: one event per line (see ``NodeView.submit``)
+    GET  /v1/jobs[?role=R&limit=N]  {"jobs": [JobInfo, ...]}: this node's jobs, newest first; R is
+                                  "consumer" or "provider"; N from 1 to MAX_JOBS_LISTED (default 100)
+    GET  /v1/jobs/{id}            JobDetail: one job with its answer text; {id} is a job id or a
+                                  unique prefix of one (at least 4 hex digits)
+    POST /v1/jobs/{id}/cancel     (empty body or {}) -> JobInfo, once the job stopped (or after
+                                  ``NodeView.cancel_job``'s own wait)
+
+A node only has its own jobs (those it submitted and those it served), so
+``/v1/jobs`` can only ever show those; it takes no account or peer to look
+up, and refuses query parameters it does not know.
 
 ``/v1/submit`` streams. The view's first event is awaited before anything is
 sent, so an error the view raises before it (``InsufficientFunds``, an
@@ -54,15 +64,17 @@ one (so a client can re-raise the same class) and a fixed word otherwise:
          any other P2PGPUError from the view (ConfigError, ExecutionFailed...),
          under its own type name
     401  Unauthorized: token missing, malformed or wrong (+ WWW-Authenticate: Bearer)
-    404  NotFound: no such route
+    404  NotFound: no such route; UnknownJob: no job of this node has that id
     405  MethodNotAllowed (+ Allow)
     409  LedgerRuleViolation and its subclass InsufficientFunds: the request
          was well-formed but the ledger's rules refuse it (overspending; a
          faucet request to a node without the faucet key, since only that
-         key may MINT)
+         key may MINT); JobStateConflict: cancelling a job that already ended
     413  PayloadTooLarge: a body over 64 KiB (2 MiB for /v1/submit), refused before it is read
     422  MalformedInput and subclasses: JSON of the wrong shape, unknown
-         fields, a bad peer id, an amount that is not a positive integer
+         fields, a bad peer id, an amount that is not a positive integer,
+         a job id that is not hex, an id prefix matching several jobs
+         (AmbiguousJobId)
     500  InternalError: the view raised something unexpected; logged here
          with its traceback, answered with a generic message (no traceback
          ever reaches the client) and the server keeps serving
@@ -70,8 +82,8 @@ one (so a client can re-raise the same class) and a fixed word otherwise:
 Concurrency: the view's plain methods are called on the trio thread, between
 awaits, never from a worker thread, so the daemon can answer them from its
 in-memory state without locks; they must be quick (no disk scans of the
-whole ledger). ``send`` and ``faucet`` are async and may take as long as the
-ledger write takes.
+whole ledger). ``send``, ``faucet`` and ``cancel_job`` are async and may take
+as long as the ledger write (or the job's stop) takes.
 
 Where the daemon says it listens: ``write_api_address`` puts
 ``http://127.0.0.1:PORT`` into ``<data dir>/api.addr`` once the port is
@@ -110,7 +122,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from p2pgpu.core.identity import public_key_from_peer_id
 from p2pgpu.core.units import parse_coins
 from p2pgpu.datadir import DataDir
-from p2pgpu.errors import ConfigError, LedgerRuleViolation, MalformedInput, P2PGPUError
+from p2pgpu.errors import (
+    ConfigError,
+    JobStateConflict,
+    LedgerRuleViolation,
+    MalformedInput,
+    P2PGPUError,
+    UnknownJob,
+)
 
 __all__ = [
     "API_ADDRESS_FILE",
@@ -120,6 +139,10 @@ __all__ = [
     "MAX_SUBMIT_BODY",
     "MAX_TOKENS_LIMIT",
     "HistoryItem",
+    "JobAttempt",
+    "JobDetail",
+    "JobInfo",
+    "MAX_JOBS_LISTED",
     "NetworkInfo",
     "NodeView",
     "OfferGpu",
@@ -147,6 +170,11 @@ MAX_BODY: Final = 64 * 1024
 MAX_PROMPT_BYTES: Final = 512 * 1024  # prompt, messages and system together, UTF-8
 MAX_SUBMIT_BODY: Final = 4 * MAX_PROMPT_BYTES  # room for JSON's escapes
 MAX_TOKENS_LIMIT: Final = 131_072
+MAX_JOBS_LISTED: Final = 10_000
+DEFAULT_JOBS_LISTED: Final = 100
+JOB_ROLES: Final = frozenset({"consumer", "provider"})
+_JOB_REF = re.compile(r"[0-9a-fA-F]{4,32}")
+_LIMIT = re.compile(r"[0-9]{1,6}")
 ROLES: Final = frozenset({"system", "user", "assistant"})
 API_ADDRESS_FILE: Final = "api.addr"
 # How long a stopping server may take to finish the requests in flight before
@@ -254,6 +282,49 @@ class TransferResult(TypedDict):
     to: str
 
 
+class JobAttempt(TypedDict):
+    """One provider a consumer's job was sent to."""
+
+    provider: str  # peer id
+    started_ms: int
+    outcome: str  # "" while it runs; "completed", "busy" (turned away: not a failure), or why it failed
+    hold_id: str | None  # hex
+    release: str | None  # the hold: "released", "pending", "settling", "none"; None before it ended
+
+
+class JobInfo(TypedDict):
+    """One item of ``GET /v1/jobs``: a job this node submitted (role
+    "consumer") or served (role "provider"). Times are Unix ms; amounts
+    base units."""
+
+    id: str  # the job id, 32 hex digits (both sides know the job by it)
+    role: Literal["consumer", "provider"]
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "rejected"]
+    model: str
+    consumer: str  # peer id
+    provider: str | None  # peer id; None while a consumer's job waits for its first provider
+    peer: str | None  # the other side: the provider of our job, or the consumer we served
+    created_ms: int
+    started_ms: int | None
+    first_token_ms: int | None
+    ended_ms: int | None
+    age_s: float
+    tokens_in: int | None  # prompt tokens, as the provider's Ollama counted them
+    tokens_out: int  # tokens received and paid for (consumer) or sent (provider)
+    cost: int  # what the consumer pays: every attempt's last voucher, summed
+    hold_id: str | None  # the (last) hold, hex
+    release: str | None  # what became of that hold (see JobAttempt)
+    reason: str  # why it failed, was rejected or cancelled; "" otherwise
+    attempts: list[JobAttempt]  # consumer: the providers tried, in order
+
+
+class JobDetail(JobInfo):
+    """``GET /v1/jobs/{id}``: the job and its answer text."""
+
+    text: str  # the answer (consumer: as delivered; a provider keeps none), at most 64 Ki characters
+    text_cut: bool  # the answer was longer than what is kept
+
+
 @dataclass(frozen=True, slots=True)
 class SubmitRequest:
     """An inference job as ``POST /v1/submit`` hands it to the view, checked:
@@ -308,14 +379,34 @@ class NodeView(Protocol):
     def submit(self, request: SubmitRequest) -> AsyncIterator[dict[str, Any]]:
         """Run a job; an async generator of JSON-able event dicts, in order:
 
+        at most one ``{"type": "queued", "position", "job_id"}`` (every
+        provider was full: the job waits in line, ``position`` 1 being next);
         zero or more of ``{"type": "provider", "provider", "attempt",
-        "price_in", "price_out"}``, ``{"type": "token", "text"}`` and
+        "job_id", "price_in", "price_out"}``, ``{"type": "token", "text"}`` and
         ``{"type": "retry", "provider", "reason"}``; then exactly one of
         ``{"type": "done", "job_id", "provider", "tokens", "prompt_tokens",
         "cost", "tokens_per_s", "ttft_s", "release"}`` or ``{"type": "error",
         "error", "kind"}``. A ``P2PGPUError`` raised before the first event
         becomes an ordinary error answer. The API closes the generator when
         the client goes away (``Cancelled`` or ``GeneratorExit`` inside it)."""
+        ...
+
+    def jobs(self, role: str | None, limit: int) -> list[JobInfo]:
+        """This node's own jobs, newest first: only ``role``'s ("consumer"
+        or "provider") when given, at most ``limit`` (already checked)."""
+        ...
+
+    def job(self, job_id: str) -> JobDetail:
+        """One of this node's jobs; ``job_id`` is 4 to 32 hex digits (checked),
+        the id or the start of it. ``UnknownJob`` (404) if none matches,
+        ``AmbiguousJobId`` (422) if several do."""
+        ...
+
+    async def cancel_job(self, job_id: str) -> JobInfo:
+        """Stop one of this node's jobs (``job_id`` as for ``job``) and
+        answer its record once it stopped (or after a short wait, still
+        running). A cancelled job is paid for the tokens delivered.
+        ``JobStateConflict`` (409) if it already ended."""
         ...
 
 
@@ -330,8 +421,10 @@ def status_for(error: P2PGPUError) -> int:
     """The HTTP status of an error the view raised (table in the module docstring)."""
     if isinstance(error, MalformedInput):
         return 422
-    if isinstance(error, LedgerRuleViolation):  # InsufficientFunds included
+    if isinstance(error, (LedgerRuleViolation, JobStateConflict)):  # InsufficientFunds included
         return 409
+    if isinstance(error, UnknownJob):
+        return 404
     return 400
 
 
@@ -387,6 +480,22 @@ def _peer_id(value: Any, where: str) -> str:
     except MalformedInput as exc:
         raise MalformedInput(f"{where}: {exc}") from None
     return value
+
+
+def _job_ref(request: Request) -> str:
+    """The ``{id}`` of a job route: a job id or a prefix of one."""
+    ref = request.path_params["job_id"]
+    if not _JOB_REF.fullmatch(ref):
+        raise MalformedInput(f"{ref[:80]!r} is not a job id: expected 4 to 32 hex digits (an id or the start of one)")
+    return ref.lower()
+
+
+def _only_query(request: Request, allowed: frozenset[str]) -> None:
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise MalformedInput(
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; expected {sorted(allowed)}"
+        )
 
 
 def _json_type(value: Any) -> str:
@@ -647,6 +756,31 @@ class _Handlers:
         body = await _json_object(request, self._SUBMIT_FIELDS, MAX_SUBMIT_BODY)
         return _SubmitStream(self.view, _submit_request(body))
 
+    _JOBS_QUERY = frozenset({"role", "limit"})
+
+    async def jobs(self, request: Request) -> dict[str, Any]:
+        _only_query(request, self._JOBS_QUERY)  # no account, no peer: only this node's own jobs exist
+        role = _query(request, "role")
+        if role is not None and role not in JOB_ROLES:
+            raise MalformedInput(f"role must be one of {sorted(JOB_ROLES)}, not {role[:40]!r}")
+        text = _query(request, "limit")
+        limit = DEFAULT_JOBS_LISTED
+        if text is not None:
+            if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= MAX_JOBS_LISTED:
+                raise MalformedInput(f"limit must be an integer from 1 to {MAX_JOBS_LISTED}, not {text[:40]!r}")
+            limit = int(text)
+        return {"jobs": self.view.jobs(role, limit)}
+
+    async def job(self, request: Request) -> Any:
+        _only_query(request, frozenset())
+        return self.view.job(_job_ref(request))
+
+    async def cancel_job(self, request: Request) -> Any:
+        ref = _job_ref(request)
+        if (await _read_body(request)).strip() not in (b"", b"{}"):
+            raise MalformedInput("cancel takes no fields: send an empty body or {}")
+        return await self.view.cancel_job(ref)
+
 
 # ----------------------------------------------------------- authentication
 
@@ -736,6 +870,9 @@ def create_app(view: NodeView, token: str) -> Starlette:
             Route("/v1/send", _endpoint(handlers.send), methods=["POST"]),
             Route("/v1/faucet", _endpoint(handlers.faucet), methods=["POST"]),
             Route("/v1/submit", _endpoint(handlers.submit), methods=["POST"]),
+            Route("/v1/jobs", _endpoint(handlers.jobs), methods=["GET"]),
+            Route("/v1/jobs/{job_id}", _endpoint(handlers.job), methods=["GET"]),
+            Route("/v1/jobs/{job_id}/cancel", _endpoint(handlers.cancel_job), methods=["POST"]),
         ],
         middleware=[Middleware(_BearerAuth, token_digest=hashlib.sha256(token.encode("ascii")).digest())],
         exception_handlers={HTTPException: http_error, Exception: internal_error},

@@ -20,8 +20,8 @@ Build the answer as one dict plus a human rendering and hand both to
 ``_emit``. Raise a ``P2PGPUError`` subclass for anything the user must fix.
 Most commands work on local files only (identity, genesis, the offline
 ledger check, the GPU probe). Those that need the running node (``status``,
-``peers``, ``offers``, ``wallet``, ``send``, ``faucet``, ``submit``; later
-``jobs``...) are thin clients of its local HTTP API (DESIGN §7): open one
+``peers``, ``offers``, ``wallet``, ``send``, ``faucet``, ``submit``, ``jobs``,
+``job show|cancel``) are thin clients of its local HTTP API (DESIGN §7): open one
 with ``with _node(settings) as node:`` and call ``p2pgpu.api_client``'s
 ``ApiClient``, which reads ``api.addr`` and ``api.token`` from the data dir
 and already turns every HTTP failure into a ``P2PGPUError`` (``NodeNotRunning``
@@ -467,6 +467,8 @@ def node() -> None:
 @click.option("--heartbeat", "heartbeat_s", type=float, help="Seconds between offers.")
 @click.option("--offer-ttl", "offer_ttl_s", type=float, help="Seconds an offer stays valid.")
 @click.option("--sync-interval", "sync_interval_s", type=float, help="Seconds between ledger anti-entropy rounds.")
+@click.option("--queue-timeout", "queue_timeout_s", type=float,
+              help="Longest a job waits for a free provider slot, in seconds [default: 300].")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @_with_settings
 def node_run(settings: Settings, config_file: Path | None, verbose: int, **flags: Any) -> None:
@@ -921,6 +923,12 @@ def submit(
                 click.echo(
                     f"retrying: provider {_safe(event.get('provider'))} failed ({_safe(event.get('reason'))})", err=True
                 )
+            elif kind == "queued":
+                click.echo(
+                    f"waiting: every provider is busy; this job ({_safe(event.get('job_id'))}) "
+                    f"is number {_safe(event.get('position'))} in line",
+                    err=True,
+                )
             if kind == "retry":
                 retries += 1
             if kind in ("done", "error"):
@@ -935,6 +943,138 @@ def submit(
         click.get_current_context().exit(1)
     if not settings.json:
         click.echo(_summary(final, retries), err=True)
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+def _short_peer(peer: Any) -> str:
+    """A peer id cut for a table: every one starts with ``12D3KooW``, so
+    the end is what tells them apart (``--json`` has them whole)."""
+    if not isinstance(peer, str) or not peer:
+        return "-"
+    text = _safe(peer)
+    return text if len(text) <= 15 else "..." + text[-12:]
+
+
+def _job_tokens(job: dict[str, Any]) -> str:
+    tokens_in = job.get("tokens_in")
+    shown_in = str(tokens_in) if type(tokens_in) is int else "-"
+    tokens_out = job.get("tokens_out")
+    return f"{shown_in}/{tokens_out if type(tokens_out) is int else '?'}"
+
+
+def _since(job: dict[str, Any], key: str) -> str:
+    """A job's moment as seconds after it was created."""
+    moment, created = job.get(key), job.get("created_ms")
+    if type(moment) is not int or type(created) is not int:
+        return "-"
+    return f"+{(moment - created) / 1000:.2f} s"
+
+
+@cli.command()
+@click.option("--role", type=click.Choice(["consumer", "provider"]),
+              help="Only the jobs this node submitted (consumer) or served (provider).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Show the newest N.")
+@_with_settings
+def jobs(settings: Settings, role: str | None, limit: int) -> None:
+    """List this node's jobs, newest first: those it submitted and those it served.
+
+    TOKENS is in/out (prompt / answer); COST is what the consumer pays;
+    PEER is the other side. `p2pgpu job show ID` has the details.
+    """
+    with _node(settings) as node:
+        listed = node.jobs(role, limit)
+    rows = [
+        [
+            _safe(job.get("id"))[:12],
+            _safe(job.get("role")),
+            _safe(job.get("status")),
+            _safe(job.get("model")),
+            _short_peer(job.get("peer")),
+            _job_tokens(job),
+            _coins(job.get("cost"), ""),
+            _duration(job.get("age_s")),
+        ]
+        for job in listed
+    ]
+    if rows:
+        human = _table(["ID", "ROLE", "STATUS", "MODEL", "PEER", "TOKENS", "COST", "AGE"], rows)
+    else:
+        human = f"No {role} jobs yet." if role else "No jobs yet."
+    _emit(settings, {"jobs": listed}, human)
+
+
+@cli.group()
+@_output_options()
+def job() -> None:
+    """Show or cancel one of this node's jobs.
+
+    ID is the job id from `p2pgpu jobs` (or `submit --json`), or its first
+    few hex digits (at least 4) when no other job starts the same way.
+    """
+
+
+def _job_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    release = info.get("release")
+    hold = _safe(info.get("hold_id")) + (f" ({_safe(release)})" if release else "") if info.get("hold_id") else "-"
+    rows = [
+        ("id", _safe(info.get("id"))),
+        ("role", _safe(info.get("role"))),
+        ("status", _safe(info.get("status"))),
+        ("model", _safe(info.get("model"))),
+        ("provider", _safe(info.get("provider"))),
+        ("consumer", _safe(info.get("consumer"))),
+        ("created", _utc(info["created_ms"]) if type(info.get("created_ms")) is int else "?"),
+        ("started", _since(info, "started_ms")),
+        ("first token", _since(info, "first_token_ms")),
+        ("ended", _since(info, "ended_ms")),
+        ("tokens", f"{_job_tokens(info)} (in/out)"),
+        ("cost", _coins(info.get("cost"))),
+        ("hold", hold),
+    ]
+    if info.get("reason"):
+        rows.append(("reason", _safe(info.get("reason"))))
+    return rows
+
+
+@job.command("show")
+@click.argument("job_id", metavar="ID")
+@_with_settings
+def job_show(settings: Settings, job_id: str) -> None:
+    """Show one job: its record, the providers tried, and its answer."""
+    with _node(settings) as node:
+        info = node.job(job_id)
+    lines = [_rows(_job_rows(info))]
+    attempts = info.get("attempts") or []
+    if attempts:
+        lines.append("attempts:")
+        for number, attempt in enumerate(attempts, start=1):
+            outcome = _safe(attempt.get("outcome")) if attempt.get("outcome") else "running"
+            lines.append(f"  {number}. {_safe(attempt.get('provider'))}: {outcome}")
+    text = info.get("text")
+    if isinstance(text, str) and text:
+        cut = " (cut: only the start is kept)" if info.get("text_cut") else ""
+        lines += ["", f"answer{cut}:", _safe_text(text)]
+    _emit(settings, info, "\n".join(lines))
+
+
+@job.command("cancel")
+@click.argument("job_id", metavar="ID")
+@_with_settings
+def job_cancel(settings: Settings, job_id: str) -> None:
+    """Stop a job that is waiting or running; it pays for the tokens delivered so far."""
+    with _node(settings) as node:
+        info = node.cancel_job(job_id)
+    status = info.get("status")
+    if status in ("queued", "running"):
+        human = f"Asked job {_safe(info.get('id'))} to stop; it is still stopping (status {_safe(status)})."
+    else:
+        human = (
+            f"Job {_safe(info.get('id'))} is {_safe(status)}: "
+            f"{_count(info.get('tokens_out'), 'token', 'tokens')} delivered, cost {_coins(info.get('cost'))}."
+        )
+    _emit(settings, info, human)
 
 
 if __name__ == "__main__":

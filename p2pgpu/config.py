@@ -20,6 +20,7 @@ float ever touches money)::
     heartbeat_s     = 10
     offer_ttl_s     = 30
     sync_interval_s = 10
+    queue_timeout_s = 300                     # longest a job waits for a free provider slot
 
 Environment lists (``P2PGPU_BOOTSTRAP``) are comma-separated.
 """
@@ -57,6 +58,7 @@ class NodeConfig:
     heartbeat_s: float = 10.0
     offer_ttl_s: float = 30.0
     sync_interval_s: float = 10.0
+    queue_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.slots <= 1024:
@@ -69,6 +71,8 @@ class NodeConfig:
             raise ConfigError("offer_ttl_s must be longer than heartbeat_s (else offers expire between heartbeats)")
         if self.price_in < 0 or self.price_out < 0:
             raise ConfigError("prices cannot be negative")
+        if not 0 <= self.queue_timeout_s <= 86_400:
+            raise ConfigError("queue_timeout_s must be between 0 and 86400")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -97,7 +101,7 @@ def _convert(name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError("expected an integer")
             return int(value)
-        if name in ("heartbeat_s", "offer_ttl_s", "sync_interval_s"):
+        if name in ("heartbeat_s", "offer_ttl_s", "sync_interval_s", "queue_timeout_s"):
             return float(value)
         return str(value)
     except (ValueError, TypeError, MalformedInput) as exc:

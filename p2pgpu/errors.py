@@ -12,7 +12,11 @@ they can handle:
 - ``InsufficientFunds``: a local request that would overspend.
 - ``IdentityError``: key files missing, unreadable or too open.
 - ``PeerMisbehaved``: a remote peer broke a protocol.
-- ``ExecutionFailed``: the inference backend failed.
+- ``ExecutionFailed``: the inference backend failed (``QueueTimeout``: no
+  provider had a free slot in time).
+- ``UnknownJob``, ``JobStateConflict``: a job id this node does not know, or
+  a request its job's state refuses (cancelling a finished job);
+  ``AmbiguousJobId`` (a ``MalformedInput``): an id prefix naming several jobs.
 
 The library never raises bare ``ValueError``/``KeyError`` on remote input: edges
 translate library exceptions into these once.
@@ -75,3 +79,21 @@ class ExecutionFailed(P2PGPUError):
 
 class ConfigError(P2PGPUError):
     """Configuration (files, flags, environment) is invalid."""
+
+
+class UnknownJob(P2PGPUError):
+    """No job of this node has that id (or id prefix). A node knows only its
+    own jobs, as consumer and as provider."""
+
+
+class AmbiguousJobId(MalformedInput):
+    """A job id prefix that matches more than one of this node's jobs."""
+
+
+class JobStateConflict(P2PGPUError):
+    """The job's state does not allow the request (cancelling a job that has
+    already ended)."""
+
+
+class QueueTimeout(ExecutionFailed):
+    """A job waited for a free provider slot longer than the node allows."""

@@ -64,7 +64,7 @@ from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_WAIVER, ApplyResult, Ledger
 from p2pgpu.core.offers import normalize_model_name
 from p2pgpu.core.protocols import JOB_PROTOCOL
 from p2pgpu.errors import ExecutionFailed, P2PGPUError
-from p2pgpu.executor import Chunk, Finished, GenerationRequest, Message
+from p2pgpu.executor import Busy, Chunk, Finished, GenerationRequest, Message, ModelNotFound
 from p2pgpu.net import FrameStream, P2PHost
 from p2pgpu.replication import LedgerReplicator
 
@@ -205,6 +205,8 @@ class _ProviderJob(_Edge):
         self.resumed.set()
         self.stop_scope = trio.CancelScope()
         self.holds_slot = False
+        self.outcome = ""  # why it ended early (rejected, backend failed), for ``on_job``
+        self.prompt_tokens: int | None = None  # Ollama's prompt_eval_count, once known
 
     def _is_done(self) -> bool:
         return self.session.state is ProviderState.DONE
@@ -231,14 +233,18 @@ class _ProviderJob(_Edge):
         now = self.now_ms()
         if code is not None:
             log.info("job %s: rejecting: %s", request.job_id.hex()[:8], text)
+            self.outcome = f"rejected: {text}"
             self._apply(self.session.reject(now, code, text))
             return
         if self.service.active >= self.service.slots:  # taken while we awaited the ledger
+            self.outcome = "rejected: no free slot"
             self._apply(self.session.reject(now, R_BUSY, "no free slot"))
             return
-        self.service.active += 1
+        self.service._slots_changed(+1)
         self.holds_slot = True
+        self.service.live[request.job_id] = self
         self._apply(self.session.accept(now))
+        self.service._job_changed(self)
         assert self.nursery is not None
         self.nursery.start_soon(self._generate, request)
 
@@ -267,12 +273,15 @@ class _ProviderJob(_Edge):
                             final = event
         except ExecutionFailed as exc:
             log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
+            self.outcome = f"backend failed: {exc}"
+            self.service.backend_failed(exc)
             if self.session.state in live:
                 self._apply(self.session.failed(self.now_ms(), str(exc)))
             return
         if self.session.state not in live:
             return
         if final is not None:
+            self.prompt_tokens = final.prompt_eval_count
             self._apply(self.session.finished(
                 self.now_ms(), final.prompt_eval_count, final.eval_count,
                 (final.total_duration_ns, final.load_duration_ns,
@@ -286,7 +295,7 @@ class _ProviderJob(_Edge):
         finally:
             self.stop_scope.cancel()
             if self.holds_slot:
-                self.service.active -= 1
+                self.service._slots_changed(-1)
 
 
 class ProviderService:
@@ -294,12 +303,28 @@ class ProviderService:
 
     ``models``: the served model names; None asks ``backend.models()`` for
     every request. ``slots``: jobs at once (what the offer advertises).
+    ``on_backend_failure``: called when a job could not run on the backend
+    (Ollama unreachable, failed mid-stream) but not for a job's own problem
+    (an unknown model, a busy Ollama), so the node can re-check Ollama at
+    once and stop advertising instead of waiting for its next heartbeat.
+    ``on_slots_changed``: called after a job takes or frees a slot, so the
+    node can tell the network its free slots without waiting either.
+    ``on_job``: called with the job (a ``_ProviderJob``: its ``session``,
+    ``outcome``, ``prompt_tokens``) when it is accepted and when it ends,
+    for the node's job store. ``cancel(job_id)`` stops a running job.
     """
 
     def __init__(self, host: P2PHost, replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, backend: Any,
                  *, prices: Prices, slots: int, now_ms: NowMs = wall_ms, models: Iterable[str] | None = None,
-                 config: SessionConfig = SessionConfig()) -> None:
+                 config: SessionConfig = SessionConfig(),
+                 on_backend_failure: Callable[[ExecutionFailed], None] | None = None,
+                 on_slots_changed: Callable[[], None] | None = None,
+                 on_job: Callable[[Any], None] | None = None) -> None:
         self.host, self.replicator, self.ledger, self.key = host, replicator, ledger, key
+        self.on_job = on_job
+        self.live: dict[bytes, _ProviderJob] = {}  # accepted jobs not yet over, by job id
+        self.on_backend_failure = on_backend_failure
+        self.on_slots_changed = on_slots_changed
         self.backend = backend
         self.prices = prices
         self.slots = slots
@@ -314,8 +339,33 @@ class ProviderService:
     def start(self) -> None:
         self.host.set_stream_handler(JOB_PROTOCOL, self._serve)
 
+    def backend_failed(self, exc: ExecutionFailed) -> None:
+        if self.on_backend_failure is not None and not isinstance(exc, (ModelNotFound, Busy)):
+            self.on_backend_failure(exc)
+
+    def _slots_changed(self, delta: int) -> None:
+        self.active += delta
+        if self.on_slots_changed is not None:
+            self.on_slots_changed()
+
     def close(self) -> None:
         self.host.remove_stream_handler(JOB_PROTOCOL)
+
+    def cancel(self, job_id: bytes, reason: str = "cancelled by the provider") -> bool:
+        """Stop a running job (the consumer pays for what it was sent);
+        False if no job with that id is generating now."""
+        job = self.live.get(job_id)
+        if job is None or job.session.state not in (ProviderState.RUNNING, ProviderState.PAUSED):
+            return False
+        job._apply(job.session.cancel(job.now_ms(), reason))
+        return True
+
+    def _job_changed(self, job: _ProviderJob) -> None:
+        if self.on_job is not None:
+            try:
+                self.on_job(job)
+            except Exception:  # noqa: BLE001 - bookkeeping must not break a job
+                log.exception("on_job callback failed")
 
     async def _serve(self, stream: FrameStream) -> None:
         job = _ProviderJob(self, stream)
@@ -323,6 +373,9 @@ class ProviderService:
             await job.run()
         finally:
             self.jobs_served += 1
+            if self.live.get(job.session.job_id) is job:
+                del self.live[job.session.job_id]
+            self._job_changed(job)
 
     async def _served_models(self) -> set[str]:
         if self.models is not None:
@@ -334,6 +387,7 @@ class ProviderService:
         try:
             served = await self._served_models()
         except ExecutionFailed as exc:
+            self.backend_failed(exc)
             return R_OTHER, f"backend unavailable: {exc}"[:200]
         refusal = admission_refusal(request, served_models=served, prices=self.prices, active=self.active, slots=self.slots)
         if refusal is not None:
@@ -367,8 +421,9 @@ class JobResult:
     ``status``: "completed", "rejected" or "failed". ``cost``: the last
     voucher (what the provider may claim). ``release``: "released" (the
     unclaimed part is back), "pending" (provider's claim not seen yet, or no
-    waiver: release later against the claim or after expiry), or "none"
-    (nothing left to release).
+    waiver: release later against the claim or after expiry), "settling"
+    (the release runs in the background, see ``run_job``'s ``release_in``),
+    or "none" (nothing left to release).
     """
 
     status: str
@@ -472,6 +527,8 @@ async def run_job(
     config: SessionConfig = SessionConfig(),
     release_wait_s: float = 10.0,
     cancel: trio.Event | None = None,
+    release_in: trio.Nursery | None = None,
+    job_id: bytes | None = None,
 ) -> JobResult:
     """Run one job on ``provider_peer_id`` at ``offer_prices``; see ``JobResult``.
 
@@ -483,13 +540,23 @@ async def run_job(
     receipt for what it sent, and we pay exactly that (status "failed").
     Raises ``P2PGPUError`` only before the hold exists (unreachable provider,
     insufficient funds, bad arguments).
+
+    ``release_in``: run the release as a task of this nursery instead, and
+    return as soon as the stream ends (``release`` is then "settling"). The
+    provider's CLAIM takes a gossip round to reach us, so waiting for it
+    would hold the caller's answer back by that much after the last token,
+    for bookkeeping the caller does not need to see.
+
+    ``job_id``: 16 bytes naming the job (default: random); the node passes
+    one id for all attempts of a submission, so both sides' job stores
+    know the job by the same id.
     """
     msgs = None if messages is None else tuple((role, content) for role, content in messages)
     if max_prompt_tokens is None:
         max_prompt_tokens = prompt_token_bound(prompt, msgs)
     provider_key = public_key_from_peer_id(provider_peer_id)
     network_id = ledger.network_id
-    job_id = secrets.token_bytes(16)
+    job_id = secrets.token_bytes(16) if job_id is None else job_id
     amount = max(1, job_cost(offer_prices, max_prompt_tokens, max_tokens))
     hold_ms = min(hold_ms, ledger.params.max_hold_ms)
 
@@ -512,7 +579,11 @@ async def run_job(
 
     outcome = job.outcome
     assert outcome is not None and job.release is not None
-    release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
+    if release_in is None:
+        release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
+    else:
+        release_in.start_soon(_release_in_background, replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
+        release = "settling"
     if isinstance(outcome, Completed):
         status, reason, receipt, retryable = "completed", "", outcome.receipt, False
     else:
@@ -528,6 +599,17 @@ async def run_job(
         receipt=receipt, provider=provider_peer_id, job_id=job_id, hold_id=hold.id, hold_amount=amount,
         release=release, retryable=retryable, ttft_s=ttft, tokens_per_s=tps, chunks=job.chunks,
     )
+
+
+async def _release_in_background(*args: Any) -> None:
+    """``_release`` as a task of someone else's nursery: it must not raise
+    (that would take the nursery's owner, the node, down with it)."""
+    try:
+        outcome = await _release(*args)
+    except Exception:  # noqa: BLE001 - logged; an unreleased hold is retried later
+        log.exception("releasing a hold failed")
+        return
+    log.debug("background release: %s", outcome)
 
 
 async def _release(replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, hint: ReleaseHold,

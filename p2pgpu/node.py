@@ -13,9 +13,18 @@ Theory of operation
   local Ollama's models and the GPUs, sign a fresh offer, publish it;
 - incoming coins: sends addressed to this node are taken in (RECEIVE) as
   they arrive, so they become spendable;
+- jobs: each ``submit`` is a task that waits in this node's FIFO line for a
+  provider slot (``p2pgpu.core.waitlist``: a provider's free slots are its
+  offer's count of other consumers' jobs plus our own count of ours), runs
+  the job (``p2pgpu.jobrunner``), fails over or, on a busy rejection, gets
+  back in line; every job, ours and those we serve, is kept in the job
+  store (``p2pgpu.jobstore``) so ``p2pgpu jobs`` lists it after a restart;
+- holds: a task releases our holds that a job could not release at its end,
+  against the provider's CLAIM or once the hold expired
+  (``p2pgpu.core.settlement``), woken by ledger applies and timers;
 - the local HTTP API on 127.0.0.1 with the bearer token from the data dir.
 
-The node holds no rules: the ledger, offers and (later) job sessions decide;
+The node holds no rules: the ledger, offers and job sessions decide;
 this module moves bytes, reads clocks, and serialises ledger access on the
 trio thread. ``stop()`` withdraws the offer and lets everything close; the CLI
 calls it on SIGINT/SIGTERM.
@@ -24,9 +33,14 @@ calls it on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
+import random
+import secrets
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 import trio
@@ -37,17 +51,28 @@ from p2pgpu.config import NodeConfig
 from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.hardware import HardwareReport
 from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
-from p2pgpu.core.ledger import SEND, Entry, Ledger, StatementLine
-from p2pgpu.core.jobs import Prices, prompt_token_bound
-from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name
-from p2pgpu.core.ranking import ProviderHistory, explain_no_match, rank
+from p2pgpu.core.ledger import BASIS_NAMES, HOLD, RELEASE, SEND, Entry, Ledger, StatementLine
+from p2pgpu.core.jobrecords import (
+    CANCELLED, COMPLETED, CONSUMER, FAILED, MAX_REASON_CHARS, PROVIDER, QUEUED, REJECTED, RUNNING,
+    Attempt, JobRecord, advance, check_cancellable, cut_text, job_info,
+)
+from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, REASON_NAMES, Prices, ProviderState, prompt_token_bound
+from p2pgpu.core.offers import (
+    MAX_MODEL_NAME_CHARS, ModelOffer, Offer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name,
+)
+from p2pgpu.core.ranking import ProviderHistory, RankedOffer, explain_no_match, rank
+from p2pgpu.core.settlement import OpenHold, WaitUntil, plan_release
+from p2pgpu.core.waitlist import assign, free_slots
 from p2pgpu.core.units import format_coins
 from p2pgpu.core.protocols import offers_topic
 from p2pgpu.datadir import DataDir, read_genesis_file
-from p2pgpu.errors import ConfigError, ExecutionFailed, InsufficientFunds, LedgerRuleViolation, P2PGPUError
+from p2pgpu.errors import (
+    ConfigError, ExecutionFailed, InsufficientFunds, JobStateConflict, LedgerRuleViolation, P2PGPUError, QueueTimeout,
+)
 from p2pgpu.executor import OllamaBackend
 from p2pgpu.gpu import probe
-from p2pgpu.jobrunner import ProviderService, run_job
+from p2pgpu.jobrunner import JobResult, ProviderService, run_job
+from p2pgpu.jobstore import JOBS_DIR, JobStore
 from p2pgpu.net import BootstrapConfig, GossipConfig, P2PHost, open_host
 from p2pgpu.net.peer_exchange import PeerExchange
 from p2pgpu.replication import LedgerReplicator
@@ -58,11 +83,49 @@ AGENT = f"p2pgpu/{__version__}"
 MAX_CLOCK_SKEW_MS = 60_000
 HISTORY_LIMIT = 100  # newest wallet entries returned: the API runs on the trio thread
 WITHDRAWAL_LINGER_S = 0.5
+MIN_OFFER_INTERVAL_S = 0.25  # early re-offers (a slot taken or freed) come at most this often
+HARDWARE_PROBE_INTERVAL_S = 30.0
 ARRIVALS_KEPT = 64  # recent offers remembered per provider, as [seq, signed_ms, received_ms]
+
+# Jobs: waiting for a slot, cancelling, settling holds.
+BUSY_PREFIX = f"rejected ({REASON_NAMES[R_BUSY]}):"  # how a JobResult says the provider was full
+BUSY_BACKOFF_S = 0.05  # after a busy rejection: jittered, doubling, at most BUSY_BACKOFF_MAX_S
+BUSY_BACKOFF_MAX_S = 2.0
+BUSY_MARK_S = 5.0  # a provider that said busy counts as full until its next offer, at most this long
+MAX_TRACKED_PROVIDERS = 4096
+CANCEL_WAIT_S = 15.0  # cancel_job waits this long for the job to stop (a receipt takes up to 10 s)
+MAX_OPEN_HOLDS = 10_000
+OPEN_HOLD_SCAN = 1_000  # own entries read at start for holds never released
+SETTLE_IDLE_S = 60.0
+SETTLE_MIN_INTERVAL_S = 0.1
+SETTLE_RETRY_MS = 30_000
+SETTLING_GRACE_MS = 15_000  # a job runner releasing in the background gets this long first
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """One consumer job of ours until it ends: its request, its place in
+    the waitlist, the slot it was given and how to stop it."""
+
+    job_id: bytes
+    request: SubmitRequest
+    model: str
+    seq: int  # submission order: the waitlist's FIFO key
+    cancel: trio.Event = field(default_factory=trio.Event)  # set: stop the job (run_job's cancel)
+    wake: trio.Event = field(default_factory=trio.Event)  # set: a slot was assigned, or the job stopped
+    excluded: set[bytes] = field(default_factory=set)  # providers that failed it
+    assigned: RankedOffer | None = None
+    chunks: list[str] = field(default_factory=list)  # the current attempt's text
+    paid: int = 0  # over all attempts
+    estimate: int = 0  # the hold's bound on prompt tokens (prompt_token_bound)
+
+    def stop(self) -> None:
+        self.cancel.set()
+        self.wake.set()
 
 
 class Node:
@@ -103,6 +166,19 @@ class Node:
         self.history = ProviderHistory()  # this node's own record of providers it used
         self.provider_service: ProviderService | None = None
         self._nursery: trio.Nursery | None = None
+        self._beat_now = trio.Event()  # offer again before the heartbeat is due
+        # jobs (see "jobs (consumer)" below)
+        self.job_store: JobStore | None = None
+        self._live_jobs: dict[bytes, _Ticket] = {}
+        self._waitlist: list[_Ticket] = []  # jobs waiting for a slot, oldest first
+        self._ticket_seq = itertools.count()
+        self._inflight: collections.Counter[bytes] = collections.Counter()  # our jobs per provider
+        self._at_offer: dict[bytes, int] = {}  # our jobs there when its newest offer came
+        self._busy: dict[bytes, tuple[int, float]] = {}  # provider -> (offer seq, time) of a busy rejection
+        self._job_saved = trio.Event()
+        self._open_holds: dict[bytes, OpenHold] = {}
+        self._hold_jobs: dict[bytes, bytes] = {}  # hold id -> the job it was for
+        self._settle_wakeup = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -110,6 +186,8 @@ class Node:
         config = self.config
         self.ledger = self.data_dir.open_ledger()
         try:
+            self.job_store = JobStore(self.data_dir.path / JOBS_DIR, now_ms=now_ms())
+            self._find_open_holds()
             async with open_host(
                 self.key,
                 [config.listen],
@@ -132,11 +210,14 @@ class Node:
                     await nursery.start(self.replicator.run)
                     await nursery.start(self._follow_offers)
                     nursery.start_soon(self._take_in_coins)
+                    nursery.start_soon(self._settle_holds)
                     provider_scope = trio.CancelScope()
                     if config.provide:
                         self.provider_service = ProviderService(
                             host, self.replicator, self.ledger, self.key, self.backend,
                             prices=Prices(config.price_in, config.price_out), slots=config.slots, now_ms=now_ms,
+                            on_backend_failure=lambda exc: self._beat_now.set(),
+                            on_job=self._on_provider_job,
                         )
                         self.provider_service.start()
                         nursery.start_soon(self._provide, provider_scope)
@@ -155,7 +236,13 @@ class Node:
                     nursery.cancel_scope.cancel()
         finally:
             remove_api_address(self.data_dir, self.api_port)
+            if self.job_store is not None:
+                self.job_store.close()
+            # The databases first: an await here raises at once when the
+            # node is cancelled from outside (a crash in the tests), and
+            # must not leave them locked.
             self.ledger.close()
+            await self.backend.aclose()
             log.info("node %s stopped", self.key.peer_id)
 
     def stop(self) -> None:
@@ -199,13 +286,14 @@ class Node:
     async def _provide_forever(self) -> None:
         assert self.host is not None
         topic = offers_topic(self.genesis.network_tag)
-        beats = 0
+        probed_at = -math.inf
         while True:
+            beat_started = trio.current_time()
             try:
                 models = await self.backend.models()
-                if beats % 6 == 0 or self.hardware is None:
+                if beat_started - probed_at >= HARDWARE_PROBE_INTERVAL_S or self.hardware is None:
                     self.hardware = await trio.to_thread.run_sync(probe)
-                beats += 1
+                    probed_at = beat_started
                 if not models:
                     raise ExecutionFailed(f"Ollama at {self.backend.host} serves no models")
                 if self.provider_service is not None:
@@ -244,7 +332,18 @@ class Node:
                     log.warning("stopped offering: %s", exc)
                     await self._withdraw()
                 self.advertising, self.provider_note = False, str(exc)
-            await trio.sleep(self.config.heartbeat_s)
+            await self._until_next_beat(beat_started)
+
+    async def _until_next_beat(self, beat_started: float) -> None:
+        """Sleep a heartbeat, or less when a job took or freed a slot or the
+        backend failed: consumers then see free slots (and a dead Ollama's
+        withdrawal) at once instead of up to a heartbeat later. Early beats
+        are spaced by ``MIN_OFFER_INTERVAL_S``, well inside gossip's
+        per-origin rate limit."""
+        with trio.move_on_at(beat_started + self.config.heartbeat_s):
+            await self._beat_now.wait()
+            await trio.sleep_until(beat_started + MIN_OFFER_INTERVAL_S)
+        self._beat_now = trio.Event()
 
     async def _withdraw(self) -> bool:
         """Tell the network we are gone now rather than letting the offer
@@ -276,6 +375,7 @@ class Node:
         # the book is, and what the gossip benchmark reads to measure spread
         arrivals = self._arrivals.setdefault(message.provider, collections.deque(maxlen=ARRIVALS_KEPT))
         arrivals.append((message.seq, message.timestamp_ms, now))
+        self._offer_arrived(message.provider)
 
     def _record_own(self, wire: bytes) -> None:
         """Our own offer or withdrawal in our own book (gossip may already
@@ -288,6 +388,7 @@ class Node:
         me = self.key.public_key
         if any(e.kind == SEND and e.body.to == me for e in entries):  # type: ignore[union-attr]
             self._incoming.set()
+        self._track_holds(entries)
 
     async def _take_in_coins(self) -> None:
         """RECEIVE every send addressed to this node, so it becomes spendable."""
@@ -385,42 +486,51 @@ class Node:
         entries = await self.replicator.append(lambda ledger: ledger.send(self.key, recipient, amount, now_ms(), memo))
         return {"entry_id": entries[0].id.hex(), "amount": amount, "to": to}
 
+    # ------------------------------------------------------------ jobs (consumer)
+
     async def submit(self, request: SubmitRequest) -> AsyncIterator[dict[str, Any]]:
-        """Run a job on the best provider, failing over to the next one.
+        """Run a job on the best provider with a free slot, failing over to
+        the next one; wait in line while every candidate is full.
 
         Errors found before anything is streamed (no provider for the model,
         not enough coins) are raised, so the API answers with an error
         status. The job itself runs as a task of the node's nursery, feeding
         a channel; closing this generator early (the client went away)
-        cancels the job, which then pays only for tokens delivered.
+        cancels the job, which then pays only for tokens delivered; so does
+        ``cancel_job``.
         """
-        assert self._nursery is not None and self.ledger is not None
+        assert self._nursery is not None and self.ledger is not None and self.job_store is not None
         model = normalize_model_name(request.model)
         now = now_ms()
-        offers = [o for o in self.book.live(now) if o.provider != self.key.public_key]
+        offers = self._others_offers(now)
         estimate = _prompt_estimate(request)
+        # Busy providers count: the job waits for a slot instead of failing.
         ranked = rank(offers, model, max_tokens=request.max_tokens, prompt_tokens_estimate=estimate,
-                      history=self.history, now_ms=now, max_price=request.max_price)
+                      history=self.history, now_ms=now, max_price=request.max_price, include_busy=True)
         if not ranked:
             raise ExecutionFailed(explain_no_match(offers, model, now, max_tokens=request.max_tokens,
                                                    prompt_tokens_estimate=estimate, max_price=request.max_price))
         spendable = self.ledger.spendable(self.key.public_key)
-        if spendable < ranked[0].cost:
+        cheapest = min(r.cost for r in ranked)
+        if spendable < cheapest:
             raise InsufficientFunds(
-                f"this job may cost up to {format_coins(ranked[0].cost)} coins (held until it ends); "
+                f"this job may cost up to {format_coins(cheapest)} coins (held until it ends); "
                 f"you can spend {format_coins(spendable)}"
             )
+        job = _Ticket(secrets.token_bytes(JOB_ID_SIZE), request, model, next(self._ticket_seq), estimate=estimate)
+        self._save(JobRecord(job.job_id, CONSUMER, QUEUED, model[:MAX_MODEL_NAME_CHARS], self.key.public_key,
+                             None, now))
+        self._live_jobs[job.job_id] = job
         send, receive = trio.open_memory_channel[dict[str, Any]](math.inf)
-        cancel = trio.Event()
-        self._nursery.start_soon(self._run_submission, request, model, ranked, send, cancel)
+        self._nursery.start_soon(self._run_submission, job, send)
         try:
             async with receive:
                 async for event in receive:
                     yield event
         finally:
-            cancel.set()
+            job.stop()
 
-    async def _run_submission(self, request: SubmitRequest, model: str, ranked: list, send, cancel: trio.Event) -> None:
+    async def _run_submission(self, job: _Ticket, send: trio.MemorySendChannel[dict[str, Any]]) -> None:
         """The body of a ``submit``, as a task of the node's nursery: it must
         never raise (that would stop the node), and a reader that went away
         cancels the job instead of breaking it."""
@@ -429,54 +539,127 @@ class Node:
             try:
                 send.send_nowait(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                cancel.set()  # nobody is reading: stop the job, pay for what was delivered
+                job.stop()  # nobody is reading: stop the job, pay for what was delivered
 
         async with send:
             try:
-                emit(await self._attempts(request, model, ranked, emit, cancel))
+                final = await self._attempts(job, emit)
             except Exception as exc:  # noqa: BLE001 - a bug must not take the node down
                 log.exception("job submission failed")
-                emit({"type": "error", "error": f"internal error: {exc!r}", "kind": type(exc).__name__})
+                final = {"type": "error", "error": f"internal error: {exc!r}", "kind": type(exc).__name__}
+                self._end_job(job, FAILED, reason=f"internal error: {exc!r}")
+            finally:
+                # Also on shutdown (Cancelled): the record must not stay "running".
+                self._leave_waitlist(job)
+                self._live_jobs.pop(job.job_id, None)
+                if not self._record(job).final:
+                    self._end_job(job, FAILED, reason="interrupted: the node stopped")
+            emit(final)
 
-    async def _attempts(self, request: SubmitRequest, model: str, ranked: list, emit, cancel: trio.Event) -> dict[str, Any]:
-        """Try providers best-first; returns the final event (done or error)."""
+    async def _attempts(self, job: _Ticket, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Wait for a provider slot, run the job there, fail over or wait
+        again as needed; returns the final event (done or error)."""
         assert self.host is not None and self.replicator is not None and self.ledger is not None
+        request = job.request
         messages = _with_system(request)
         prompt = request.prompt if messages is None else None
-        candidates = ranked if request.retry else ranked[:1]
         last_reason = "no provider was tried"
-        for attempt, choice in enumerate(candidates, start=1):
+        last_status = FAILED
+        attempt = 0
+        busy_rejections = 0
+        waiting_since: float | None = None  # trio time this wait for a slot began (busy backoffs included)
+        announced = False
+        while True:
+            if job.cancel.is_set():
+                return self._cancelled(job)
+            self._join_waitlist(job)
+            if job.assigned is None:
+                if job.excluded and not self._candidates(job, now_ms()):
+                    self._leave_waitlist(job)  # everyone who serves it failed it
+                    return self._failed(job, last_status, f"the job did not complete ({last_reason})")
+                if not announced:
+                    announced = True
+                    emit({"type": "queued", "position": self._waitlist.index(job) + 1, "job_id": job.job_id.hex()})
+                if self._record(job).status != QUEUED:
+                    self._update(job, QUEUED)
+                if waiting_since is None:
+                    waiting_since = trio.current_time()
+                if not await self._wait_turn(job, waiting_since + self.config.queue_timeout_s):
+                    if job.cancel.is_set():
+                        return self._cancelled(job)
+                    ahead = self._waitlist.index(job) if job in self._waitlist else 0
+                    self._leave_waitlist(job)
+                    return self._failed(job, FAILED, (
+                        f"no provider serving {job.model!r} had a free slot within "
+                        f"{self.config.queue_timeout_s:g} s ({ahead} of this node's jobs were ahead of it)"
+                    ), kind=QueueTimeout)
+            choice, job.assigned = job.assigned, None
+            assert choice is not None
             offer = choice.offer
-            emit({"type": "provider", "provider": offer.peer_id, "attempt": attempt,
+            if job.cancel.is_set():
+                self._slot_freed(offer.provider)
+                return self._cancelled(job)
+            attempt += 1
+            emit({"type": "provider", "provider": offer.peer_id, "attempt": attempt, "job_id": job.job_id.hex(),
                   "price_in": offer.price_in, "price_out": offer.price_out})
+            self._start_attempt(job, offer.provider)
             started = now_ms()
+            result: JobResult | None = None
             try:
                 await self._reach(offer)
                 result = await run_job(
                     self.host, self.replicator, self.ledger, self.key, offer.peer_id,
-                    Prices(offer.price_in, offer.price_out), model=model, prompt=prompt, messages=messages,
-                    max_tokens=request.max_tokens, now_ms=now_ms,
-                    on_tokens=lambda text: emit({"type": "token", "text": text}),
-                    max_prompt_tokens=_prompt_estimate(request), cancel=cancel,
+                    Prices(offer.price_in, offer.price_out), model=job.model, prompt=prompt, messages=messages,
+                    max_tokens=request.max_tokens, now_ms=now_ms, on_tokens=lambda text: self._token(job, text, emit),
+                    max_prompt_tokens=job.estimate, cancel=job.cancel, job_id=job.job_id,
                 )
+            except InsufficientFunds as exc:  # our balance, not the provider's fault
+                self._end_attempt(job, f"not started: {exc}")
+                return self._failed(job, FAILED, str(exc), kind=InsufficientFunds)
             except P2PGPUError as exc:
                 self.history.record_failure(offer.provider, now_ms(), str(exc))
-                last_reason = f"{offer.peer_id}: {exc}"
-            else:
+                last_reason, last_status = f"{offer.peer_id}: {exc}", FAILED
+                self._end_attempt(job, str(exc))
+            finally:
+                self._slot_freed(offer.provider)
+            if result is not None:
+                self._note_hold(job, result)
                 if result.status == "completed":
                     elapsed = max(1, now_ms() - started)
                     self.history.record_success(
                         offer.provider, now_ms(), int((result.ttft_s or elapsed / 1000) * 1000),
                         result.tokens_per_s or result.tokens * 1000 / elapsed,
                     )
+                    self._end_attempt(job, "completed", result)
+                    self._end_job(job, COMPLETED, result=result)
                     return _job_result_event(result)
+                if result.status == "rejected" and result.reason.startswith(BUSY_PREFIX) and not job.cancel.is_set():
+                    # Full after all (our count of its slots was behind): not
+                    # the provider's failure, and not an attempt: back in line.
+                    self._end_attempt(job, "busy", result)
+                    self._mark_busy(offer.provider)
+                    attempt -= 1
+                    busy_rejections += 1
+                    if waiting_since is None:
+                        waiting_since = trio.current_time()
+                    self._update(job, QUEUED)
+                    delay = random.uniform(0.5, 1.0) * min(BUSY_BACKOFF_MAX_S, BUSY_BACKOFF_S * 2 ** min(busy_rejections, 8))
+                    with trio.move_on_after(delay):
+                        await job.cancel.wait()
+                    continue
+                self._end_attempt(job, result.reason or result.status, result)
+                if job.cancel.is_set():
+                    return self._cancelled(job, result)
                 self.history.record_failure(offer.provider, now_ms(), result.reason)
                 last_reason = f"{offer.peer_id}: {result.status}: {result.reason}"
-            if cancel.is_set():
-                return {"type": "error", "error": "the job was cancelled", "kind": "Cancelled"}
-            if attempt < len(candidates):
-                emit({"type": "retry", "provider": offer.peer_id, "reason": last_reason})
-        return {"type": "error", "error": f"the job did not complete ({last_reason})", "kind": "ExecutionFailed"}
+                last_status = REJECTED if result.status == "rejected" else FAILED
+            if job.cancel.is_set():
+                return self._cancelled(job)
+            job.excluded.add(offer.provider)
+            if not request.retry or not self._candidates(job, now_ms()):
+                return self._failed(job, last_status, f"the job did not complete ({last_reason})")
+            emit({"type": "retry", "provider": offer.peer_id, "reason": last_reason})
+            waiting_since = None  # the queue deadline bounds each wait, not the whole job
 
     async def _reach(self, offer: Any) -> None:
         """Connect to a provider we only know from its offer: offers carry
@@ -496,6 +679,343 @@ class Node:
             except P2PGPUError as exc:
                 failure = exc
         raise ExecutionFailed(f"provider {offer.peer_id} is unreachable at its offered addresses ({failure})")
+
+    # --- the waitlist: FIFO over providers' free slots (p2pgpu.core.waitlist)
+
+    def _others_offers(self, now: int) -> list[Offer]:
+        return [o for o in self.book.live(now) if o.provider != self.key.public_key]
+
+    def _candidates(self, job: _Ticket, now: int, offers: list[Offer] | None = None) -> list[RankedOffer]:
+        """Providers for ``job``, best first, busy ones included, without
+        those that failed it."""
+        request = job.request
+        ranked = rank(self._others_offers(now) if offers is None else offers, job.model,
+                      max_tokens=request.max_tokens, prompt_tokens_estimate=job.estimate,
+                      history=self.history, now_ms=now, max_price=request.max_price, include_busy=True)
+        return [r for r in ranked if r.provider not in job.excluded]
+
+    def _room(self, offer: Offer) -> int:
+        provider = offer.provider
+        busy = self._busy.get(provider)
+        if busy is not None:
+            seq, since = busy
+            if offer.seq <= seq and trio.current_time() - since < BUSY_MARK_S:
+                return 0  # it said busy; wait for its next offer
+            del self._busy[provider]
+        return free_slots(offer.slots_total, offer.slots_free, self._inflight[provider], self._at_offer.get(provider, 0))
+
+    def _dispatch(self) -> None:
+        """Hand free provider slots to waiting jobs, oldest first. Synchronous:
+        called whenever a slot may have freed (one of our jobs ended, a new
+        offer arrived) or a job joined the line."""
+        if not self._waitlist:
+            return
+        now = now_ms()
+        offers = self._others_offers(now)
+        room = {o.provider: self._room(o) for o in offers}
+        choices: dict[tuple[int, bytes], RankedOffer] = {}
+
+        def waiting() -> Iterator[tuple[_Ticket, list[bytes]]]:
+            for job in list(self._waitlist):  # ranked lazily: only while some slot is free
+                ranked = self._candidates(job, now, offers)
+                for r in ranked:
+                    choices[(job.seq, r.provider)] = r
+                yield job, [r.provider for r in ranked]
+
+        for job, provider in assign(waiting(), room):
+            self._waitlist.remove(job)
+            job.assigned = choices[(job.seq, provider)]
+            self._inflight[provider] += 1  # reserved now, so the next job sees it taken
+            job.wake.set()
+
+    def _join_waitlist(self, job: _Ticket) -> None:
+        if job not in self._waitlist:
+            # by submission order: a job back from a busy provider keeps its place
+            index = next((i for i, other in enumerate(self._waitlist) if other.seq > job.seq), len(self._waitlist))
+            self._waitlist.insert(index, job)
+        self._dispatch()
+
+    def _leave_waitlist(self, job: _Ticket) -> None:
+        if job in self._waitlist:
+            self._waitlist.remove(job)
+        if job.assigned is not None:  # a slot was reserved for it: give it back
+            provider, job.assigned = job.assigned.provider, None
+            self._slot_freed(provider)
+
+    async def _wait_turn(self, job: _Ticket, deadline: float) -> bool:
+        """Wait until a slot is assigned to ``job``; False at the deadline or
+        when the job is cancelled."""
+        while job.assigned is None and not job.cancel.is_set():
+            job.wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await job.wake.wait()
+            if job.assigned is None and trio.current_time() >= deadline:
+                return False
+        return job.assigned is not None and not job.cancel.is_set()
+
+    def _slot_freed(self, provider: bytes) -> None:
+        self._inflight[provider] -= 1
+        if self._inflight[provider] <= 0:
+            del self._inflight[provider]
+        self._dispatch()
+
+    def _mark_busy(self, provider: bytes) -> None:
+        offer = self.book.get(provider)
+        self._busy[provider] = (offer.seq if offer is not None else 0, trio.current_time())
+
+    def _offer_arrived(self, provider: bytes) -> None:
+        """A new offer (or a withdrawal): its slot count now includes our
+        jobs in flight there."""
+        if provider == self.key.public_key:
+            return
+        self._at_offer[provider] = self._inflight[provider]
+        if len(self._at_offer) > MAX_TRACKED_PROVIDERS:
+            self._at_offer = {p: n for p, n in self._at_offer.items() if n or p in self._inflight}
+        self._dispatch()
+
+    # --- the job's record (p2pgpu.core.jobrecords, kept by p2pgpu.jobstore)
+
+    def _save(self, record: JobRecord, text: str | None = None) -> None:
+        assert self.job_store is not None
+        self.job_store.put(record, text)
+        self._job_saved.set()
+        self._job_saved = trio.Event()
+
+    def _record(self, job: _Ticket) -> JobRecord:
+        assert self.job_store is not None
+        record = self.job_store.get(job.job_id)
+        assert record is not None, "a live job's record is never pruned"
+        return record
+
+    def _update(self, job: _Ticket, status: str, **changes: Any) -> None:
+        self._save(advance(self._record(job), status, now_ms(), **changes))
+
+    def _start_attempt(self, job: _Ticket, provider: bytes) -> None:
+        record = self._record(job)
+        job.chunks = []
+        self._update(job, RUNNING, provider=provider, attempts=(*record.attempts, Attempt(provider, now_ms())))
+
+    def _end_attempt(self, job: _Ticket, outcome: str, result: JobResult | None = None) -> None:
+        record = self._record(job)
+        if not record.attempts:
+            return
+        last = record.attempts[-1]
+        last = replace(last, outcome=outcome[:MAX_REASON_CHARS],
+                       hold_id=result.hold_id if result is not None else None,
+                       release=_release_state(result.release) if result is not None else "")
+        changes: dict[str, Any] = {"attempts": (*record.attempts[:-1], last)}
+        if result is not None:
+            job.paid += result.cost
+            changes.update(cost=job.paid, hold_id=result.hold_id, release=last.release, tokens_out=result.tokens)
+            if result.receipt is not None:
+                # what was paid for: tokens still in flight when we cancelled count too
+                changes.update(tokens_in=result.receipt.prompt_eval_count, tokens_out=result.receipt.output_tokens)
+        self._save(replace(record, **changes))
+
+    def _token(self, job: _Ticket, text: str, emit: Callable[[dict[str, Any]], None]) -> None:
+        if not job.chunks and self._record(job).first_token_ms is None:
+            self._save(replace(self._record(job), first_token_ms=now_ms()))
+        job.chunks.append(text)
+        emit({"type": "token", "text": text})
+
+    def _end_job(self, job: _Ticket, status: str, *, reason: str = "", result: JobResult | None = None) -> None:
+        record = self._record(job)
+        if record.final:
+            return
+        text = "".join(job.chunks)
+        stored, cut = cut_text(text)
+        self._save(advance(record, status, now_ms(), reason=reason, text_chars=len(stored), text_cut=cut), text)
+
+    def _cancelled(self, job: _Ticket, result: JobResult | None = None) -> dict[str, Any]:
+        self._end_job(job, CANCELLED, reason="cancelled by the user", result=result)
+        return {"type": "error", "error": "the job was cancelled", "kind": "Cancelled"}
+
+    def _failed(self, job: _Ticket, status: str, message: str, kind: type[P2PGPUError] = ExecutionFailed) -> dict[str, Any]:
+        self._end_job(job, status, reason=message)
+        return {"type": "error", "error": message, "kind": kind.__name__}
+
+    # ------------------------------------------------------------ jobs (provider)
+
+    def _on_provider_job(self, served: Any) -> None:
+        """``ProviderService``'s ``on_job``: a job we serve was accepted or ended."""
+        session = served.session
+        request = session.request
+        if request is None or self.job_store is None:
+            return  # no valid request ever came: nothing to remember
+        now = now_ms()
+        old = self.job_store.get(request.job_id)
+        running = old is not None and old.role == PROVIDER and old.status == RUNNING
+        base = old if running else JobRecord(
+            request.job_id, PROVIDER, RUNNING, request.model, request.consumer, self.key.public_key, now,
+            started_ms=now, hold_id=request.hold_id)
+        facts: dict[str, Any] = {"tokens_out": session.sent, "cost": session.paid, "tokens_in": served.prompt_tokens}
+        if session.state is not ProviderState.DONE:  # accepted, generating
+            self._save(replace(base, **facts))
+            return
+        if not served.holds_slot:
+            status = REJECTED if served.outcome.startswith("rejected") else CANCELLED
+            reason = served.outcome or "the consumer left before the job started"
+        elif session.cancelled:
+            status, reason = CANCELLED, "cancelled"
+        elif served.outcome:
+            status, reason = FAILED, served.outcome
+        elif served.prompt_tokens is None:
+            status, reason = FAILED, "connection lost"
+        else:
+            status, reason = COMPLETED, ""
+        self._save(advance(base, status, now, reason=reason, **facts))
+
+    # ------------------------------------------------------------ jobs (API)
+
+    def jobs(self, role: str | None, limit: int) -> list[dict[str, Any]]:
+        assert self.job_store is not None
+        now = now_ms()
+        return [job_info(record, now) for record in self.job_store.newest(role, limit)]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        assert self.job_store is not None
+        record = self.job_store.find(job_id)
+        info = job_info(record, now_ms())
+        live = self._live_jobs.get(record.job_id)
+        if live is not None:
+            text, cut = cut_text("".join(live.chunks))
+        else:
+            text, cut = self.job_store.text(record.job_id) or "", record.text_cut
+        info.update(text=text, text_cut=cut)
+        return info
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Stop one of our jobs and wait (a little) until it has: a consumer
+        job goes the way of a client that went away (the provider stops, we
+        pay for the tokens delivered); a job we serve is stopped here and the
+        consumer pays for what it was sent."""
+        assert self.job_store is not None
+        record = self.job_store.find(job_id)
+        check_cancellable(record)
+        if record.role == CONSUMER:
+            live = self._live_jobs.get(record.job_id)
+            if live is None:
+                raise JobStateConflict(f"job {record.id_hex} is no longer running on this node")
+            live.stop()
+        elif self.provider_service is None or not self.provider_service.cancel(
+                record.job_id, "cancelled by the provider's operator"):
+            raise JobStateConflict(f"job {record.id_hex} is not generating now; there is nothing to stop")
+        with trio.move_on_after(CANCEL_WAIT_S):
+            while not self.job_store.get(record.job_id).final:  # type: ignore[union-attr]
+                await self._job_saved.wait()
+        return job_info(self.job_store.get(record.job_id), now_ms())  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ holds
+
+    def _note_hold(self, job: _Ticket, result: JobResult) -> None:
+        """After a job: a hold its runner could not release is ours to
+        release (``_settle_holds``) from now on."""
+        self._hold_jobs[result.hold_id] = job.job_id
+        if len(self._hold_jobs) > MAX_OPEN_HOLDS:
+            self._hold_jobs.pop(next(iter(self._hold_jobs)))
+        hold = self._open_holds.get(result.hold_id)
+        if hold is None:
+            return
+        if result.release == "pending":
+            self._open_holds[result.hold_id] = replace(hold, not_before_ms=0)
+            self._settle_wakeup.set()
+        elif result.release == "settling":  # its runner is still at it, in the background
+            self._open_holds[result.hold_id] = replace(hold, not_before_ms=now_ms() + SETTLING_GRACE_MS)
+
+    def _track_holds(self, entries: list[Entry]) -> None:
+        me = self.key.public_key
+        providers = {hold.provider for hold in self._open_holds.values()}
+        wake = False
+        for entry in entries:
+            if entry.author == me and entry.kind == HOLD:
+                body = entry.body
+                if len(self._open_holds) < MAX_OPEN_HOLDS:
+                    # its job releases it if it can; from expiry on, so may we
+                    self._open_holds[entry.id] = OpenHold(entry.id, body.provider, body.amount,  # type: ignore[union-attr]
+                                                          body.expiry_ms, body.expiry_ms + 1)  # type: ignore[union-attr]
+                    wake = True
+            elif entry.author == me and entry.kind == RELEASE:
+                hold_id = entry.body.hold_id  # type: ignore[union-attr]
+                self._open_holds.pop(hold_id, None)
+                self._hold_released(hold_id)
+            elif entry.author in providers:
+                wake = True  # a claim, or an entry stamped after expiry
+        if wake:
+            self._settle_wakeup.set()
+
+    def _hold_released(self, hold_id: bytes) -> None:
+        job_id = self._hold_jobs.pop(hold_id, None)
+        record = self.job_store.get(job_id) if job_id is not None and self.job_store is not None else None
+        if record is None:
+            return
+        attempts = tuple(replace(a, release="released") if a.hold_id == hold_id else a for a in record.attempts)
+        changes: dict[str, Any] = {"attempts": attempts}
+        if record.hold_id == hold_id:
+            changes["release"] = "released"
+        self._save(replace(record, **changes))
+
+    def _find_open_holds(self) -> None:
+        """At start: our recent holds that were never released (a job cut
+        short by a stop or a crash); nothing of ours still runs, so each may
+        be settled at once."""
+        assert self.ledger is not None
+        for entry in self.ledger.history(self.key.public_key, last=OPEN_HOLD_SCAN):
+            if entry.kind == HOLD and not self.ledger.releases_of(entry.id):
+                body = entry.body
+                self._open_holds[entry.id] = OpenHold(entry.id, body.provider, body.amount, body.expiry_ms)  # type: ignore[union-attr]
+        if self._open_holds:
+            log.info("%d hold(s) of ours are still open; releasing them when the ledger allows", len(self._open_holds))
+
+    async def _settle_holds(self) -> None:
+        """Release our open holds once the ledger allows it (against the
+        provider's CLAIM, a provider entry after expiry, or expiry plus the
+        grace): ``p2pgpu.core.settlement.plan_release`` decides, this task
+        reads the clock and appends. Wakes on ledger applies and timers."""
+        assert self.ledger is not None and self.replicator is not None
+        grace = self.genesis.params.release_grace_ms
+        while True:
+            self._settle_wakeup = trio.Event()
+            next_at: int | None = None
+            for hold in list(self._open_holds.values()):
+                now = now_ms()
+                plan = plan_release(
+                    hold, now_ms=now, release_grace_ms=grace, claims=self.ledger.claims_of(hold.hold_id),
+                    released=bool(self.ledger.releases_of(hold.hold_id)),
+                    provider_entry_after_expiry=self._provider_entry_after(hold, now),
+                )
+                if plan is None:
+                    self._open_holds.pop(hold.hold_id, None)
+                    self._hold_released(hold.hold_id)
+                elif isinstance(plan, WaitUntil):
+                    next_at = plan.at_ms if next_at is None else min(next_at, plan.at_ms)
+                else:
+                    try:
+                        await self.replicator.append(
+                            lambda ledger: ledger.release(self.key, hold.hold_id, plan.basis, plan.ref, now_ms()))
+                        log.info("released hold %s (%s)", hold.hold_id.hex()[:8], BASIS_NAMES[plan.basis])
+                    except P2PGPUError as exc:
+                        log.warning("release of hold %s failed: %s; trying again later", hold.hold_id.hex()[:8], exc)
+                        retry = now_ms() + SETTLE_RETRY_MS
+                        if hold.hold_id in self._open_holds:
+                            self._open_holds[hold.hold_id] = replace(hold, not_before_ms=retry)
+                        next_at = retry if next_at is None else min(next_at, retry)
+            wait_s = SETTLE_IDLE_S if next_at is None else min(SETTLE_IDLE_S, max(0.0, (next_at - now_ms()) / 1000))
+            with trio.move_on_after(wait_s):
+                await self._settle_wakeup.wait()
+            await trio.sleep(SETTLE_MIN_INTERVAL_S)  # gather a burst of applies into one pass
+
+    def _provider_entry_after(self, hold: OpenHold, now: int) -> bytes | None:
+        """The provider's newest entry, if it is stamped after the hold's expiry."""
+        assert self.ledger is not None
+        if now <= hold.expiry_ms:
+            return None
+        head = self.ledger.head(hold.provider)
+        if head is None:
+            return None
+        entry = self.ledger.get_entry(head[1])
+        return entry.id if entry is not None and entry.timestamp_ms > hold.expiry_ms else None
+
+    # ------------------------------------------------------------ the faucet
 
     async def faucet(self, to: str, amount: int) -> dict[str, Any]:
         assert self.replicator is not None
@@ -533,6 +1053,11 @@ def _prompt_estimate(request: SubmitRequest) -> int:
     will actually be sent (the core's one formula)."""
     messages = _with_system(request)
     return prompt_token_bound(request.prompt if messages is None else None, messages)
+
+
+def _release_state(release: str) -> str:
+    """A ``JobResult.release`` as a job record keeps it."""
+    return release if release in ("released", "pending", "settling", "none") else ""
 
 
 def _job_result_event(result: Any) -> dict[str, Any]:

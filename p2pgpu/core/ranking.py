@@ -370,12 +370,14 @@ def _check_job(max_tokens: int, prompt_tokens_estimate: int, now_ms: int, max_pr
 
 def _candidates(
     offers: Iterable[Offer], model: str, now_ms: int, max_tokens: int, prompt_tokens_estimate: int,
-    max_price: int | None,
+    max_price: int | None, include_busy: bool = False,
 ) -> list[tuple[Offer, int]]:
     key = normalize_model_name(model)
     found = []
     for offer in offers:
-        if not offer.is_live(now_ms) or key not in offer.model_keys or offer.slots_free < 1:
+        if not offer.is_live(now_ms) or key not in offer.model_keys or offer.slots_total < 1:
+            continue
+        if offer.slots_free < 1 and not include_busy:
             continue
         cost = _worst_cost(offer, prompt_tokens_estimate, max_tokens)
         if max_price is not None and cost > max_price:
@@ -411,6 +413,7 @@ def rank(
     history: ProviderHistory,
     now_ms: int,
     max_price: int | None = None,
+    include_busy: bool = False,
 ) -> list[RankedOffer]:
     """The offers worth trying for this job, best first.
 
@@ -421,10 +424,15 @@ def rank(
     score (module docstring), then provider key. If a provider appears twice,
     the offer with the higher seq counts. Empty when nothing fits:
     ``explain_no_match`` says why. Raises MalformedInput on bad arguments.
+
+    ``include_busy`` keeps offers with no free slot too (any slots at all):
+    for a consumer that waits for a slot (``p2pgpu.core.waitlist``) rather
+    than give up; a busy offer's slots factor is 0, so it ranks lower.
     """
     _check_job(max_tokens, prompt_tokens_estimate, now_ms, max_price)
     newest: dict[bytes, tuple[Offer, int]] = {}
-    for offer, cost in _candidates(offers, model, now_ms, max_tokens, prompt_tokens_estimate, max_price):
+    for offer, cost in _candidates(offers, model, now_ms, max_tokens, prompt_tokens_estimate, max_price,
+                                   include_busy):
         held = newest.get(offer.provider)
         if held is None or (offer.seq, offer.wire) > (held[0].seq, held[0].wire):
             newest[offer.provider] = (offer, cost)

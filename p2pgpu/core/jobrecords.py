@@ -1,0 +1,317 @@
+"""What a node remembers about its own jobs (issue #4, "job store").
+
+Theory of operation
+-------------------
+Every node keeps a record of each job it took part in: as *consumer* (a job
+it submitted) and as *provider* (a job it served). A record is a frozen
+``JobRecord``; the edge (``p2pgpu.jobstore``) persists it, the node makes a
+new one at every step with ``advance``, and the local API shows it through
+``job_info``. A node only ever holds its own jobs, so listing them can never
+show another node's.
+
+One table of transitions (``TRANSITIONS``)::
+
+    queued    -> queued, running, failed, cancelled
+    running   -> queued (a busy provider: back in line), running (the next
+                 attempt, the first token), completed, failed, cancelled, rejected
+    completed, failed, cancelled, rejected: final, no way out
+
+A consumer's record starts *queued* (waiting for a provider with a free
+slot, even if only for a moment); a provider's starts *running* (accepted)
+or *rejected*. ``advance`` stamps ``started_ms`` on the first move to
+running and ``ended_ms`` on the move to a final status, so those two can
+never disagree with the status.
+
+Records are stored as positional msgpack arrays (``to_wire`` /
+``from_wire``), checked field by field on the way back in like anything
+read from outside, so a damaged database value is a ``MalformedInput``,
+never a crash. The answer text is stored beside the record, not in it (a
+listing never reads it), and cut to ``MAX_TEXT_CHARS``.
+
+Pure module: no I/O; time is always a parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Iterable
+
+from p2pgpu.core.codec import MAX_INT, MAX_TIMESTAMP_MS, check_bytes, check_int, check_list, check_str, pack, unpack
+from p2pgpu.core.identity import PUBLIC_KEY_SIZE, peer_id_from_public_key
+from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS
+from p2pgpu.errors import AmbiguousJobId, JobStateConflict, MalformedInput, UnknownJob
+
+__all__ = [
+    "CONSUMER", "PROVIDER", "ROLES",
+    "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "REJECTED", "STATUSES", "FINAL", "TRANSITIONS",
+    "RELEASES", "MAX_ATTEMPTS", "MAX_REASON_CHARS", "MAX_TEXT_CHARS", "MAX_RECORD_BYTES",
+    "Attempt", "JobRecord", "advance", "check_cancellable", "job_info", "parse_job_ref", "match_job",
+    "cut_text", "encode_text", "decode_text",
+]
+
+CONSUMER, PROVIDER = "consumer", "provider"
+ROLES = frozenset({CONSUMER, PROVIDER})
+
+QUEUED, RUNNING = "queued", "running"
+COMPLETED, FAILED, CANCELLED, REJECTED = "completed", "failed", "cancelled", "rejected"
+STATUSES = frozenset({QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, REJECTED})
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED, REJECTED})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({QUEUED, RUNNING, FAILED, CANCELLED}),
+    RUNNING: frozenset({QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, REJECTED}),
+    **{status: frozenset() for status in FINAL},
+}
+
+# What became of a job's hold, as the consumer sees it: "" (no hold yet),
+# "released" (the unclaimed rest is back), "pending" (to be released once
+# the provider's claim shows up or the hold expires), "settling" (being
+# released in the background), "none" (nothing left).
+RELEASES = frozenset({"", "released", "pending", "settling", "none"})
+
+JOB_ID_SIZE = 16
+HOLD_ID_SIZE = 32
+MAX_ATTEMPTS = 32  # the newest attempts are kept
+MAX_REASON_CHARS = 256
+MAX_TEXT_CHARS = 64 * 1024
+MAX_RECORD_BYTES = 64 * 1024
+MAX_TEXT_BYTES = 4 * MAX_TEXT_CHARS + 16
+WIRE_VERSION = 1
+_RECORD_FIELDS = 19
+_ATTEMPT_FIELDS = 5
+_HEX = re.compile(r"[0-9a-f]+")
+MIN_PREFIX = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One provider tried for a consumer's job, and how it went."""
+
+    provider: bytes  # public key
+    started_ms: int
+    outcome: str = ""  # "" while it runs; then "completed", "busy", or why it failed
+    hold_id: bytes | None = None
+    release: str = ""
+
+    def to_wire(self) -> list[Any]:
+        return [self.provider, self.started_ms, self.outcome, self.hold_id, self.release]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Attempt:
+        provider, started, outcome, hold_id, release = check_list(value, "attempt", length=_ATTEMPT_FIELDS)
+        check_bytes(provider, "attempt provider", size=PUBLIC_KEY_SIZE)
+        check_int(started, "attempt start", 0, MAX_TIMESTAMP_MS)
+        check_str(outcome, "attempt outcome", MAX_REASON_CHARS)
+        if hold_id is not None:
+            check_bytes(hold_id, "attempt hold id", size=HOLD_ID_SIZE)
+        _check_release(release)
+        return cls(provider, started, outcome, hold_id, release)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One job as this node saw it. Amounts in base units, times in ms.
+
+    ``provider`` is None while a consumer's job waits for its first
+    provider. ``tokens_in`` is the prompt tokens the provider reported
+    (None until known); ``tokens_out`` the tokens delivered (consumer) or
+    sent (provider); ``cost`` what the consumer pays for them (the last
+    voucher: what the provider may claim). ``text_chars`` is the length of
+    the stored answer text, ``text_cut`` whether it was longer.
+    """
+
+    job_id: bytes
+    role: str
+    status: str
+    model: str
+    consumer: bytes
+    provider: bytes | None
+    created_ms: int
+    started_ms: int | None = None
+    first_token_ms: int | None = None
+    ended_ms: int | None = None
+    tokens_in: int | None = None
+    tokens_out: int = 0
+    cost: int = 0
+    hold_id: bytes | None = None
+    release: str = ""
+    reason: str = ""
+    attempts: tuple[Attempt, ...] = ()
+    text_chars: int = 0
+    text_cut: bool = False
+
+    @property
+    def id_hex(self) -> str:
+        return self.job_id.hex()
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def peer(self) -> bytes | None:
+        """The other side: the provider of our job, or the consumer we served."""
+        return self.provider if self.role == CONSUMER else self.consumer
+
+    def to_wire(self) -> bytes:
+        return pack([
+            WIRE_VERSION, self.job_id, self.role, self.status, self.model, self.consumer, self.provider,
+            self.created_ms, self.started_ms, self.first_token_ms, self.ended_ms, self.tokens_in,
+            self.tokens_out, self.cost, self.hold_id, self.release, self.reason,
+            [a.to_wire() for a in self.attempts], [self.text_chars, self.text_cut],
+        ])
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> JobRecord:
+        """A stored record; ``MalformedInput`` for anything that is not one."""
+        value = check_list(unpack(data, max_size=MAX_RECORD_BYTES, what="job record"), "job record",
+                           length=_RECORD_FIELDS)
+        (version, job_id, role, status, model, consumer, provider, created, started, first_token, ended,
+         tokens_in, tokens_out, cost, hold_id, release, reason, attempts, text) = value
+        if version != WIRE_VERSION:
+            raise MalformedInput(f"job record: unknown version {version!r}")
+        check_bytes(job_id, "job id", size=JOB_ID_SIZE)
+        if role not in ROLES:
+            raise MalformedInput(f"job record: unknown role {role!r}")
+        if status not in STATUSES:
+            raise MalformedInput(f"job record: unknown status {status!r}")
+        check_str(model, "model", MAX_MODEL_NAME_CHARS)
+        check_bytes(consumer, "consumer", size=PUBLIC_KEY_SIZE)
+        if provider is not None:
+            check_bytes(provider, "provider", size=PUBLIC_KEY_SIZE)
+        check_int(created, "created", 0, MAX_TIMESTAMP_MS)
+        for name, moment in (("started", started), ("first token", first_token), ("ended", ended)):
+            if moment is not None:
+                check_int(moment, name, 0, MAX_TIMESTAMP_MS)
+        if tokens_in is not None:
+            check_int(tokens_in, "tokens in")
+        check_int(tokens_out, "tokens out")
+        check_int(cost, "cost", 0, MAX_INT)
+        if hold_id is not None:
+            check_bytes(hold_id, "hold id", size=HOLD_ID_SIZE)
+        _check_release(release)
+        check_str(reason, "reason", MAX_REASON_CHARS)
+        tried = tuple(Attempt.from_wire(a) for a in check_list(attempts, "attempts", max_len=MAX_ATTEMPTS))
+        text_chars, text_cut = check_list(text, "text facts", length=2)
+        check_int(text_chars, "text length", 0, MAX_TEXT_CHARS)
+        if type(text_cut) is not bool:
+            raise MalformedInput("job record: text cut flag is not a boolean")
+        if (ended is not None) != (status in FINAL):
+            raise MalformedInput(f"job record: status {status} with end time {ended}")
+        return cls(job_id, role, status, model, consumer, provider, created, started, first_token, ended,
+                   tokens_in, tokens_out, cost, hold_id, release, reason, tried, text_chars, text_cut)
+
+
+def _check_release(release: Any) -> None:
+    if release not in RELEASES:
+        raise MalformedInput(f"job record: unknown release state {release!r}")
+
+
+# ------------------------------------------------------------ transitions
+
+
+def advance(record: JobRecord, status: str, now_ms: int, **changes: Any) -> JobRecord:
+    """``record`` moved to ``status`` at ``now_ms`` with ``changes`` applied.
+
+    Raises ``JobStateConflict`` for a move the table does not allow (above
+    all, out of a final status). Stamps ``started_ms`` on the first move to
+    running and ``ended_ms`` on the move to a final status; cuts the reason
+    and keeps only the newest ``MAX_ATTEMPTS`` attempts.
+    """
+    if status not in TRANSITIONS.get(record.status, ()):
+        raise JobStateConflict(f"job {record.id_hex} is {record.status}; it cannot become {status}")
+    if status == RUNNING and record.started_ms is None and "started_ms" not in changes:
+        changes["started_ms"] = now_ms
+    if status in FINAL:
+        changes["ended_ms"] = now_ms
+    if "reason" in changes:
+        changes["reason"] = changes["reason"][:MAX_REASON_CHARS]
+    if "attempts" in changes:
+        changes["attempts"] = tuple(changes["attempts"])[-MAX_ATTEMPTS:]
+    return replace(record, status=status, **changes)
+
+
+def check_cancellable(record: JobRecord) -> None:
+    """``JobStateConflict`` unless the job can still be cancelled."""
+    if record.final:
+        raise JobStateConflict(f"job {record.id_hex} already ended ({record.status}); there is nothing to cancel")
+
+
+def cut_text(text: str) -> tuple[str, bool]:
+    """The answer as stored: at most ``MAX_TEXT_CHARS``, and whether it was cut."""
+    return (text, False) if len(text) <= MAX_TEXT_CHARS else (text[:MAX_TEXT_CHARS], True)
+
+
+def encode_text(text: str) -> bytes:
+    return pack(cut_text(text)[0])
+
+
+def decode_text(data: bytes) -> str:
+    """Stored answer text; ``MalformedInput`` if the value is not one."""
+    return check_str(unpack(data, max_size=MAX_TEXT_BYTES, what="job text"), "job text", MAX_TEXT_CHARS)
+
+
+# ------------------------------------------------------------- showing it
+
+
+def _peer(public_key: bytes | None) -> str | None:
+    return None if public_key is None else peer_id_from_public_key(public_key)
+
+
+def job_info(record: JobRecord, now_ms: int) -> dict[str, Any]:
+    """The record as the local API shows it (``p2pgpu.api.JobInfo``)."""
+    return {
+        "id": record.id_hex,
+        "role": record.role,
+        "status": record.status,
+        "model": record.model,
+        "consumer": _peer(record.consumer),
+        "provider": _peer(record.provider),
+        "peer": _peer(record.peer),
+        "created_ms": record.created_ms,
+        "started_ms": record.started_ms,
+        "first_token_ms": record.first_token_ms,
+        "ended_ms": record.ended_ms,
+        "age_s": round(max(0, now_ms - record.created_ms) / 1000, 1),
+        "tokens_in": record.tokens_in,
+        "tokens_out": record.tokens_out,
+        "cost": record.cost,
+        "hold_id": None if record.hold_id is None else record.hold_id.hex(),
+        "release": record.release or None,
+        "reason": record.reason,
+        "attempts": [
+            {"provider": _peer(a.provider), "started_ms": a.started_ms, "outcome": a.outcome,
+             "hold_id": None if a.hold_id is None else a.hold_id.hex(), "release": a.release or None}
+            for a in record.attempts
+        ],
+    }
+
+
+# ------------------------------------------------------------ finding one
+
+
+def parse_job_ref(text: Any) -> str:
+    """A job id or a prefix of one, as lower-case hex: ``MIN_PREFIX`` to 32
+    hex digits, else ``MalformedInput``."""
+    if not isinstance(text, str):
+        raise MalformedInput(f"a job id must be a string of hex digits, got {type(text).__name__}")
+    ref = text.strip().lower()
+    if not _HEX.fullmatch(ref) or not MIN_PREFIX <= len(ref) <= 2 * JOB_ID_SIZE:
+        raise MalformedInput(
+            f"{text[:80]!r} is not a job id: expected {MIN_PREFIX} to {2 * JOB_ID_SIZE} hex digits "
+            "(an id or the start of one)"
+        )
+    return ref
+
+
+def match_job(ids: Iterable[bytes], ref: str) -> bytes:
+    """The one id among ``ids`` that starts with ``ref`` (from
+    ``parse_job_ref``); ``UnknownJob`` if none does, ``AmbiguousJobId`` if
+    several do."""
+    found = [job_id for job_id in ids if job_id.hex().startswith(ref)]
+    if not found:
+        raise UnknownJob(f"this node has no job {ref}" + ("" if len(ref) == 2 * JOB_ID_SIZE else "..."))
+    if len(found) > 1:
+        raise AmbiguousJobId(f"{ref} is the start of {len(found)} job ids; give more of the id")
+    return found[0]
