@@ -204,7 +204,8 @@ class _ProviderJob(_Edge):
         self.resumed = trio.Event()
         self.resumed.set()
         self.stop_scope = trio.CancelScope()
-        self.holds_slot = False
+        self.holds_slot = False  # a slot of ours is taken by this job now
+        self.accepted = False  # and this stays True once accepted, slot or not
         self.outcome = ""  # why it ended early (rejected, backend failed), for ``on_job``
         self.prompt_tokens: int | None = None  # Ollama's prompt_eval_count, once known
 
@@ -241,7 +242,7 @@ class _ProviderJob(_Edge):
             self._apply(self.session.reject(now, R_BUSY, "no free slot"))
             return
         self.service._slots_changed(+1)
-        self.holds_slot = True
+        self.holds_slot = self.accepted = True
         self.service.live[request.job_id] = self
         self._apply(self.session.accept(now))
         self.service._job_changed(self)
@@ -278,6 +279,8 @@ class _ProviderJob(_Edge):
             if self.session.state in live:
                 self._apply(self.session.failed(self.now_ms(), str(exc)))
             return
+        finally:
+            self._free_slot()
         if self.session.state not in live:
             return
         if final is not None:
@@ -289,13 +292,21 @@ class _ProviderJob(_Edge):
         else:  # stopped: Ollama's counts are lost with the stream; input is not charged
             self._apply(self.session.finished(self.now_ms(), 0, eval_count))
 
+    def _free_slot(self) -> None:
+        """The GPU is done with this job: let the next one in. Called as
+        generation ends, before the receipt is queued, so a consumer that
+        starts its next job the moment it holds the receipt finds the slot
+        free; the voucher exchange that follows needs no GPU."""
+        if self.holds_slot:
+            self.holds_slot = False
+            self.service._slots_changed(-1)
+
     async def run(self) -> None:
         try:
             await self._drive()
         finally:
             self.stop_scope.cancel()
-            if self.holds_slot:
-                self.service._slots_changed(-1)
+            self._free_slot()
 
 
 class ProviderService:

@@ -217,6 +217,7 @@ class Node:
                             host, self.replicator, self.ledger, self.key, self.backend,
                             prices=Prices(config.price_in, config.price_out), slots=config.slots, now_ms=now_ms,
                             on_backend_failure=lambda exc: self._beat_now.set(),
+                            on_slots_changed=lambda: self._beat_now.set(),
                             on_job=self._on_provider_job,
                         )
                         self.provider_service.start()
@@ -612,6 +613,7 @@ class Node:
                     Prices(offer.price_in, offer.price_out), model=job.model, prompt=prompt, messages=messages,
                     max_tokens=request.max_tokens, now_ms=now_ms, on_tokens=lambda text: self._token(job, text, emit),
                     max_prompt_tokens=job.estimate, cancel=job.cancel, job_id=job.job_id,
+                    release_in=self._nursery,
                 )
             except InsufficientFunds as exc:  # our balance, not the provider's fault
                 self._end_attempt(job, f"not started: {exc}")
@@ -852,7 +854,7 @@ class Node:
         if session.state is not ProviderState.DONE:  # accepted, generating
             self._save(replace(base, **facts))
             return
-        if not served.holds_slot:
+        if not served.accepted:
             status = REJECTED if served.outcome.startswith("rejected") else CANCELLED
             reason = served.outcome or "the consumer left before the job started"
         elif session.cancelled:

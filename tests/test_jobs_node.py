@@ -215,7 +215,8 @@ async def test_eight_jobs_over_two_one_slot_providers_all_complete_and_each_is_p
         assert all(f["type"] == "done" for f in finals), finals
         assert all(f["tokens"] == 16 for f in finals)
         assert len({f["job_id"] for f in finals}) == 8
-        assert not any(e["type"] == "retry" for events in results.values() for e in events)
+        retries = [e for events in results.values() for e in events if e["type"] == "retry"]
+        assert not retries, retries
         queued = [e for events in results.values() for e in events if e["type"] == "queued"]
         assert queued and all(e["position"] >= 1 for e in queued)  # two at once; the rest waited in line
         for events in results.values():
@@ -237,7 +238,7 @@ async def test_eight_jobs_over_two_one_slot_providers_all_complete_and_each_is_p
             assert ours.status == COMPLETED and ours.cost == final["cost"] and ours.tokens_out == 16
             server = next(p for p in providers if p.key.peer_id == final["provider"])
             theirs = server.job_store.get(job_id)
-            assert theirs.status == COMPLETED and theirs.cost == final["cost"]
+            assert theirs.status == COMPLETED and theirs.cost == final["cost"], (theirs, final)
             other = next(p for p in providers if p is not server)
             assert other.job_store.get(job_id) is None or other.job_store.get(job_id).status != COMPLETED
 
@@ -316,7 +317,7 @@ async def test_a_hold_left_pending_by_a_vanished_provider_is_released_later(tmp_
         job_id = bytes.fromhex(next(e["job_id"] for e in events if e["type"] == "provider"))
         record = consumer.job_store.get(job_id)
         hold_id = record.hold_id
-        assert record.status == FAILED and hold_id is not None and record.release == "pending"
+        assert record.status == FAILED and hold_id is not None and record.release in ("pending", "settling")
         assert consumer.ledger.account(consumer.key.public_key).held > 0
         # nobody claims it: after expiry plus the grace the node takes it back on time alone
         await wait_for(lambda: consumer.ledger.releases_of(hold_id), timeout=DEADLINE, what="the release")
