@@ -28,7 +28,7 @@ and array before allocation, and the whole object is size-checked first.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import msgpack
 
@@ -77,21 +77,33 @@ class Tag:
 SUPPORTED_VERSIONS: dict[int, frozenset[int]] = {tag: frozenset({1}) for tag in Tag.NAMES}
 
 
+# Copying a prepared BLAKE2b-256 state is cheaper than building one from
+# keyword arguments (0.45 vs 0.62 us for a 150-byte payload); the template is
+# never updated, so copies can be taken from any thread.
+_ID_HASH = hashlib.blake2b(digest_size=ID_SIZE)
+
+
 def object_id(payload: bytes) -> bytes:
     """BLAKE2b-256 of the exact payload bytes: the identity of a signed object."""
-    return hashlib.blake2b(payload, digest_size=ID_SIZE).digest()
+    digest = _ID_HASH.copy()
+    digest.update(payload)
+    return digest.digest()
 
 
 _PACKER = msgpack.Packer(use_bin_type=True)
 
+pack: Callable[[Any], bytes] = _PACKER.pack
+"""The one msgpack encoding used everywhere (bin for bytes, str for text).
 
-def pack(value: Any) -> bytes:
-    """The one msgpack encoding used everywhere (bin for bytes, str for text).
+A reused Packer is ~3x faster than ``packb`` for small objects; it resets
+after every call, so it holds no state between calls (single-threaded use:
+the core never packs from worker threads). ``pack`` is the Packer's own bound
+method, not a wrapper around it: a Python-level call costs as much as packing
+a small integer, and the ledger packs several values per entry."""
 
-    A reused Packer is ~3x faster than ``packb`` for small objects; it resets
-    after every call, so it holds no state between calls (single-threaded use:
-    the core never packs from worker threads)."""
-    return _PACKER.pack(value)
+_tuple_new = tuple.__new__
+"""Builds a NamedTuple from a tuple of its fields without the Python-level
+``__new__`` that ``NamedTuple(...)`` runs (0.2 vs 0.37 us for ``Signed``)."""
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -221,11 +233,12 @@ def sign_object(
     if len(payload) + SIGNATURE_SIZE + 8 > MAX_SIGNED_SIZE:
         raise Oversized(f"{Tag.NAMES.get(tag, tag)}: payload of {len(payload)} bytes is too large to sign")
     signature = key.sign(payload)
-    # positional: keyword construction of a NamedTuple costs twice as much
-    return Signed(
+    digest = _ID_HASH.copy()  # object_id(payload), inline: one entry is signed per local append
+    digest.update(payload)
+    return _tuple_new(Signed, (
         payload, signature, tag, version, network_id, key.public_key, timestamp_ms, fields,
-        object_id(payload), pack([payload, signature]),
-    )
+        digest.digest(), pack([payload, signature]),
+    ))
 
 
 def decode_signed(
@@ -283,18 +296,18 @@ def decode_payload(
     check_int(timestamp_ms, "timestamp", 0, MAX_TIMESTAMP_MS)
     if pack(body) != payload:
         raise NonCanonical("payload is not in canonical msgpack form")
-    signed = Signed(
-        payload=bytes(payload),
-        signature=bytes(signature),
-        tag=tag,
-        version=version,
-        network_id=net,
-        signer=signer,
-        timestamp_ms=timestamp_ms,
-        fields=tuple(body[5:]),
-        id=object_id(payload),
-        wire=wire if wire is not None else pack([payload, signature]),
-    )
+    signed = _tuple_new(Signed, (  # the fields of Signed, in order
+        bytes(payload),
+        bytes(signature),
+        tag,
+        version,
+        net,
+        signer,
+        timestamp_ms,
+        tuple(body[5:]),
+        object_id(payload),
+        wire if wire is not None else pack([payload, signature]),
+    ))
     if verify:
         signed.verify()
     return signed

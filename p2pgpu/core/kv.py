@@ -14,7 +14,7 @@ group instead of one per entry.
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 from sortedcontainers import SortedDict
 
@@ -87,7 +87,13 @@ class Overlay:
 
     def __init__(self, store: KeyValueStore) -> None:
         self.store = store
+        # One dict for the overlay's whole life (flush and discard empty it
+        # in place), so ``put`` can be the dict's own bound ``__setitem__``:
+        # a Python-level method would double the cost of the ledger's
+        # several puts per entry.
         self._staged: dict[bytes, bytes | None] = {}
+        self.put: Callable[[bytes, bytes], None] = self._staged.__setitem__
+        """Stage ``value`` at ``key``."""
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -97,9 +103,6 @@ class Overlay:
         if value is _MISSING:
             return self.store.get(key)
         return value  # type: ignore[return-value]
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self._staged[key] = value
 
     def delete(self, key: bytes) -> None:
         self._staged[key] = None
@@ -136,8 +139,8 @@ class Overlay:
         count = len(self._staged)
         if count:
             self.store.write(self._staged, sync=sync)
-            self._staged = {}
+            self._staged.clear()
         return count
 
     def discard(self) -> None:
-        self._staged = {}
+        self._staged.clear()
