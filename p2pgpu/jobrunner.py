@@ -34,6 +34,7 @@ import trio
 
 from p2pgpu.core.identity import NodeKey, public_key_from_peer_id
 from p2pgpu.core.jobs import (
+    MAX_REQUEST_CONTEXT,
     R_BUSY,
     admission_refusal,
     prompt_token_bound,
@@ -70,11 +71,13 @@ from p2pgpu.replication import LedgerReplicator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProviderService", "run_job", "JobResult", "wall_ms"]
+__all__ = ["ProviderService", "run_job", "JobResult", "JobStreamPool", "wall_ms"]
 
 NowMs = Callable[[], int]
 DEFAULT_HOLD_MS = 300_000
 DEFAULT_CREDIT_WINDOW = 32
+REQUEST_CONTEXT_WINDOW_MS = 10_000  # entries older than this have long been announced
+HOLD_CHAIN_FETCH_S = 5.0  # longest a provider spends fetching a consumer's entries before a hold
 
 
 def wall_ms() -> int:
@@ -215,7 +218,7 @@ class _ProviderJob(_Edge):
     def _handle(self, action: Any) -> None:
         assert self.nursery is not None
         if isinstance(action, RequestReceived):
-            self.nursery.start_soon(self._admit, action.request)
+            self.nursery.start_soon(self._admit, action.request, action.context)
         elif isinstance(action, Pause):
             if self.resumed.is_set():
                 self.resumed = trio.Event()
@@ -227,8 +230,8 @@ class _ProviderJob(_Edge):
         elif isinstance(action, Claim):
             self.nursery.start_soon(self.service._claim, action)
 
-    async def _admit(self, request: JobRequest) -> None:
-        code, text = await self.service._admission(request)
+    async def _admit(self, request: JobRequest, context: tuple[bytes, ...] = ()) -> None:
+        code, text = await self.service._admission(request, self.stream.remote_peer_id, context)
         if self.session.state is not ProviderState.DECIDING:
             return  # cancelled while we decided
         now = self.now_ms()
@@ -302,6 +305,7 @@ class _ProviderJob(_Edge):
             self.service._slots_changed(-1)
 
     async def run(self) -> None:
+        self._apply(self.session.open(self.now_ms()))  # the request is due within request_wait_ms
         try:
             await self._drive()
         finally:
@@ -393,8 +397,10 @@ class ProviderService:
             return self.models
         return {normalize_model_name(m.name) for m in await self.backend.models()}
 
-    async def _admission(self, request: JobRequest) -> tuple[int | None, str]:
-        """(None, "") to accept, else (reason code, text)."""
+    async def _admission(self, request: JobRequest, consumer_peer: str,
+                         context: tuple[bytes, ...] = ()) -> tuple[int | None, str]:
+        """(None, "") to accept, else (reason code, text). ``context``: the
+        consumer's entries before the hold, offered first (see ``run_job``)."""
         try:
             served = await self._served_models()
         except ExecutionFailed as exc:
@@ -403,13 +409,29 @@ class ProviderService:
         refusal = admission_refusal(request, served_models=served, prices=self.prices, active=self.active, slots=self.slots)
         if refusal is not None:
             return refusal
-        results = await self.replicator.offer([request.hold.wire])
-        result = results[0]
+        results = await self.replicator.offer([*context, request.hold.wire], durable=False)
+        result = results[-1]
+        if isinstance(result, ApplyResult) and result.status == "waiting" and result.missing is not None:
+            result = await self._fetch_consumer_chain(request, result, consumer_peer)
         if not isinstance(result, ApplyResult) or result.status not in ("applied", "duplicate"):
             return R_HOLD, f"hold not valid on our ledger: {getattr(result, 'status', result)}"[:200]
         if self.ledger.hold_status(request.hold_id) is not None or self.ledger.releases_of(request.hold_id):
             return R_HOLD, "hold already settled"
         return None, ""
+
+    async def _fetch_consumer_chain(self, request: JobRequest, waiting: ApplyResult, consumer_peer: str) -> ApplyResult:
+        """The hold follows entries of the consumer's that have not reached
+        us yet (its last job's release, still on its way by gossip): fetch
+        them from the consumer, which holds its whole chain. The hold then
+        applies from where it was parked."""
+        with trio.move_on_after(HOLD_CHAIN_FETCH_S):
+            try:
+                await self.replicator.fetch_from(consumer_peer, [waiting.missing], follow_up=True)  # type: ignore[list-item]
+            except P2PGPUError as exc:
+                log.info("job %s: fetching the consumer's chain failed: %s", request.job_id.hex()[:8], exc)
+        if self.ledger.has_entry(request.hold_id):
+            return ApplyResult("applied", request.hold_id)
+        return waiting
 
     async def _claim(self, claim: Claim) -> None:
         try:
@@ -540,6 +562,7 @@ async def run_job(
     cancel: trio.Event | None = None,
     release_in: trio.Nursery | None = None,
     job_id: bytes | None = None,
+    streams: JobStreamPool | None = None,
 ) -> JobResult:
     """Run one job on ``provider_peer_id`` at ``offer_prices``; see ``JobResult``.
 
@@ -561,6 +584,10 @@ async def run_job(
     ``job_id``: 16 bytes naming the job (default: random); the node passes
     one id for all attempts of a submission, so both sides' job stores
     know the job by the same id.
+
+    ``streams``: take a stream opened ahead of need from this pool when it
+    has one for the provider, and have it open the next one once this job
+    has completed (see ``JobStreamPool``).
     """
     msgs = None if messages is None else tuple((role, content) for role, content in messages)
     if max_prompt_tokens is None:
@@ -571,7 +598,9 @@ async def run_job(
     amount = max(1, job_cost(offer_prices, max_prompt_tokens, max_tokens))
     hold_ms = min(hold_ms, ledger.params.max_hold_ms)
 
-    stream = await host.open_stream(provider_peer_id, JOB_PROTOCOL)
+    stream = streams.take(provider_peer_id) if streams is not None else None
+    if stream is None:
+        stream = await host.open_stream(provider_peer_id, JOB_PROTOCOL)
     try:
         now = now_ms()
         hold = (await replicator.append(
@@ -584,7 +613,8 @@ async def run_job(
         with trio.CancelScope(shield=True):
             await stream.reset()
         raise
-    session = ConsumerSession(key, network_id, signed, body, config)
+    session = ConsumerSession(key, network_id, signed, body, config,
+                              context=_chain_context(ledger, key.public_key, hold, now))
     job = _ConsumerJob(session, stream, now_ms, on_tokens)
     await job.run(cancel)
 
@@ -597,6 +627,8 @@ async def run_job(
         release = "settling"
     if isinstance(outcome, Completed):
         status, reason, receipt, retryable = "completed", "", outcome.receipt, False
+        if streams is not None:
+            streams.refill(provider_peer_id)
     else:
         status = "rejected" if outcome.reason.startswith("rejected") else "failed"
         reason, receipt, retryable = outcome.reason, outcome.receipt, outcome.retryable
@@ -610,6 +642,94 @@ async def run_job(
         receipt=receipt, provider=provider_peer_id, job_id=job_id, hold_id=hold.id, hold_amount=amount,
         release=release, retryable=retryable, ttft_s=ttft, tokens_per_s=tps, chunks=job.chunks,
     )
+
+
+def _chain_context(ledger: Ledger, author: bytes, hold: Any, now: int) -> tuple[bytes, ...]:
+    """Our entries just before the hold that the provider may not have yet.
+
+    The provider must apply the hold, and a hold follows our previous
+    entries (the last job's release, say), which gossip announces after a
+    moment's linger. Sending the recent ones along with the request lets
+    the provider apply the hold at once instead of fetching them from us
+    (it offers them first; those it holds cost it a lookup)."""
+    recent = ledger.history(author, last=MAX_REQUEST_CONTEXT + 1)
+    fresh_after = now - REQUEST_CONTEXT_WINDOW_MS
+    return tuple(e.wire for e in recent if e.id != hold.id and e.timestamp_ms >= fresh_after)[-MAX_REQUEST_CONTEXT:]
+
+
+class JobStreamPool:
+    """Job streams opened ahead of need: at most one idle stream per provider.
+
+    Opening a stream costs a round trip of multistream-select before the
+    request can go, a good part of what a job adds to its first token on
+    loopback. So after a job with a provider completes, the consumer opens
+    the next stream to it in the background (``refill``), and its next job
+    there sends the request at once (``take``). The provider waits
+    ``SessionConfig.request_wait_ms`` for a request on a fresh stream; a
+    stream is taken only while it looks open (``FrameStream.looks_open``)
+    and is younger than ``max_age_s``, well inside that. Anything else is
+    reset and the job opens a stream as before. A stream that looked open
+    but whose provider died at that moment fails like any provider dying
+    mid-job. At most ``max_providers`` idle streams, oldest dropped first.
+    """
+
+    def __init__(self, host: P2PHost, nursery: trio.Nursery, *, max_age_s: float = 30.0,
+                 max_providers: int = 16) -> None:
+        self.host, self.nursery = host, nursery
+        self.max_age_s, self.max_providers = max_age_s, max_providers
+        self._idle: dict[str, tuple[FrameStream, float]] = {}  # provider peer id -> (stream, opened at)
+        self._opening: set[str] = set()
+        self.taken = self.opened = 0
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, peer_id: str) -> FrameStream | None:
+        item = self._idle.pop(peer_id, None)
+        if item is None:
+            return None
+        stream, opened_at = item
+        if trio.current_time() - opened_at <= self.max_age_s and stream.looks_open():
+            self.taken += 1
+            return stream
+        self._discard(stream)
+        return None
+
+    def refill(self, peer_id: str) -> None:
+        if peer_id in self._idle or peer_id in self._opening:
+            return
+        while self._idle and len(self._idle) + len(self._opening) >= self.max_providers:
+            oldest = min(self._idle, key=lambda p: self._idle[p][1])
+            self._discard(self._idle.pop(oldest)[0])
+        if len(self._opening) >= self.max_providers:
+            return
+        self._opening.add(peer_id)
+        self.nursery.start_soon(self._open, peer_id)
+
+    async def _open(self, peer_id: str) -> None:
+        try:
+            stream = await self.host.open_stream(peer_id, JOB_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - a task of the node's nursery must not raise
+            log.debug("opening a job stream ahead to %s failed: %s", peer_id, exc)
+            return
+        finally:
+            self._opening.discard(peer_id)
+        self.opened += 1
+        old = self._idle.pop(peer_id, None)
+        if old is not None:
+            self._discard(old[0])
+        self._idle[peer_id] = (stream, trio.current_time())
+
+    def _discard(self, stream: FrameStream) -> None:
+        self.nursery.start_soon(self._reset, stream)
+
+    @staticmethod
+    async def _reset(stream: FrameStream) -> None:
+        with trio.move_on_after(5):
+            try:
+                await stream.reset()
+            except Exception:  # noqa: BLE001 - it is going away either way
+                pass
 
 
 async def _release_in_background(*args: Any) -> None:

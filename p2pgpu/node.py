@@ -71,7 +71,7 @@ from p2pgpu.errors import (
 )
 from p2pgpu.executor import OllamaBackend
 from p2pgpu.gpu import probe
-from p2pgpu.jobrunner import JobResult, ProviderService, run_job
+from p2pgpu.jobrunner import JobResult, JobStreamPool, ProviderService, run_job
 from p2pgpu.jobstore import JOBS_DIR, JobStore
 from p2pgpu.net import BootstrapConfig, GossipConfig, P2PHost, open_host
 from p2pgpu.net.peer_exchange import PeerExchange
@@ -84,6 +84,7 @@ MAX_CLOCK_SKEW_MS = 60_000
 HISTORY_LIMIT = 100  # newest wallet entries returned: the API runs on the trio thread
 WITHDRAWAL_LINGER_S = 0.5
 MIN_OFFER_INTERVAL_S = 0.25  # early re-offers (a slot taken or freed) come at most this often
+EARLY_OFFER_DELAY_S = 0.05  # ...and this long after the change, off the path of the job's first token
 HARDWARE_PROBE_INTERVAL_S = 30.0
 ARRIVALS_KEPT = 64  # recent offers remembered per provider, as [seq, signed_ms, received_ms]
 
@@ -166,7 +167,9 @@ class Node:
         self.history = ProviderHistory()  # this node's own record of providers it used
         self.provider_service: ProviderService | None = None
         self._nursery: trio.Nursery | None = None
+        self.job_streams: JobStreamPool | None = None  # job streams opened ahead to providers we use
         self._beat_now = trio.Event()  # offer again before the heartbeat is due
+        self._recheck_backend = False  # ...and ask Ollama again first (a job saw it fail)
         # jobs (see "jobs (consumer)" below)
         self.job_store: JobStore | None = None
         self._live_jobs: dict[bytes, _Ticket] = {}
@@ -206,6 +209,7 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     self._nursery = nursery
+                    self.job_streams = JobStreamPool(host, nursery)
                     await nursery.start(PeerExchange(host).run)
                     await nursery.start(self.replicator.run)
                     await nursery.start(self._follow_offers)
@@ -216,7 +220,7 @@ class Node:
                         self.provider_service = ProviderService(
                             host, self.replicator, self.ledger, self.key, self.backend,
                             prices=Prices(config.price_in, config.price_out), slots=config.slots, now_ms=now_ms,
-                            on_backend_failure=lambda exc: self._beat_now.set(),
+                            on_backend_failure=lambda exc: self._backend_suspect(),
                             on_slots_changed=lambda: self._beat_now.set(),
                             on_job=self._on_provider_job,
                         )
@@ -288,10 +292,19 @@ class Node:
         assert self.host is not None
         topic = offers_topic(self.genesis.network_tag)
         probed_at = -math.inf
+        models: list | None = None
+        asked_at = -math.inf
         while True:
             beat_started = trio.current_time()
             try:
-                models = await self.backend.models()
+                # An early beat for a slot count reuses the inventory of the
+                # last one: asking Ollama costs two HTTP calls on the loop
+                # that is streaming the job which caused the beat.
+                if models is None or self._recheck_backend or beat_started - asked_at >= 0.9 * self.config.heartbeat_s:
+                    self._recheck_backend = False
+                    models = None
+                    models = await self.backend.models()
+                    asked_at = beat_started
                 if beat_started - probed_at >= HARDWARE_PROBE_INTERVAL_S or self.hardware is None:
                     self.hardware = await trio.to_thread.run_sync(probe)
                     probed_at = beat_started
@@ -329,6 +342,7 @@ class Node:
                     log.info("offering %s at %d/%d per Mtok", [m.name for m in models], self.config.price_in, self.config.price_out)
                 self.advertising, self.provider_note = True, "offering"
             except P2PGPUError as exc:  # Ollama down, no GPU, or a model name peers would refuse
+                models = None
                 if self.advertising:
                     log.warning("stopped offering: %s", exc)
                     await self._withdraw()
@@ -340,11 +354,20 @@ class Node:
         backend failed: consumers then see free slots (and a dead Ollama's
         withdrawal) at once instead of up to a heartbeat later. Early beats
         are spaced by ``MIN_OFFER_INTERVAL_S``, well inside gossip's
-        per-origin rate limit."""
+        per-origin rate limit, and wait ``EARLY_OFFER_DELAY_S`` so that a
+        job's start and the offer that follows do not compete for the loop
+        (the delay also folds one job's end and the next one's start into
+        one offer)."""
         with trio.move_on_at(beat_started + self.config.heartbeat_s):
             await self._beat_now.wait()
-            await trio.sleep_until(beat_started + MIN_OFFER_INTERVAL_S)
+            await trio.sleep_until(max(beat_started + MIN_OFFER_INTERVAL_S, trio.current_time() + EARLY_OFFER_DELAY_S))
         self._beat_now = trio.Event()
+
+    def _backend_suspect(self) -> None:
+        """A job could not run on Ollama: ask it again now, and stop
+        advertising if it does not answer."""
+        self._recheck_backend = True
+        self._beat_now.set()
 
     async def _withdraw(self) -> bool:
         """Tell the network we are gone now rather than letting the offer
@@ -613,7 +636,7 @@ class Node:
                     Prices(offer.price_in, offer.price_out), model=job.model, prompt=prompt, messages=messages,
                     max_tokens=request.max_tokens, now_ms=now_ms, on_tokens=lambda text: self._token(job, text, emit),
                     max_prompt_tokens=job.estimate, cancel=job.cancel, job_id=job.job_id,
-                    release_in=self._nursery,
+                    release_in=self._nursery, streams=self.job_streams,
                 )
             except InsufficientFunds as exc:  # our balance, not the provider's fault
                 self._end_attempt(job, f"not started: {exc}")

@@ -114,6 +114,7 @@ _COUNTED_AS = {LOCAL: "applied_local", OFFERED: "applied_offered", GOSSIP: "appl
                SYNC: "applied_sync", TICK: "applied_tick"}
 
 GOSSIP_COMMIT_ENTRIES = 256
+INLINE_VERIFY_MAX = 4  # signatures checked on the trio thread (~70 us each) rather than in the pool
 """Commit gossip applies at once when this many are staged (else on the timer)."""
 SYNC_COMMIT_ENTRIES = 2048
 """A catch-up commits every this many entries: one synced write per ~4 frames."""
@@ -239,6 +240,7 @@ class LedgerReplicator:
         fresh_window_ms: int = 120_000,
         announce_rate: float = 8.0,
         announce_burst: float = 16.0,
+        announce_delay_s: float = 0.05,
         frame_timeout_s: float = 30.0,
         session_timeout_s: float = 600.0,
         max_serving: int = 8,
@@ -266,6 +268,7 @@ class LedgerReplicator:
         self.tick_interval_s = tick_interval_s
         self._verifier = ThreadedVerifier(threads=verify_threads)
         self._announce_rate, self._announce_burst = announce_rate, announce_burst
+        self.announce_delay_s = announce_delay_s
         # entries applied but not yet committed, with where they came from
         self._unacked: list[tuple[Entry, str]] = []
         self._proofs: list[bytes] = []  # fork proofs waiting for the commit
@@ -432,24 +435,40 @@ class LedgerReplicator:
         self._commit()
         return entries
 
-    async def offer(self, wires: Iterable[bytes]) -> list[ApplyResult | P2PGPUError]:
+    async def offer(self, wires: Iterable[bytes], *, durable: bool = True) -> list[ApplyResult | P2PGPUError]:
         """Apply entries handed to us outside the network (a hold embedded in
         a job request, a wallet import), commit, and announce what was new.
-        Returns per wire its ``ApplyResult`` or the error that refused it."""
+        Returns per wire its ``ApplyResult`` or the error that refused it.
+
+        ``durable=False`` returns before the commit, leaving it to the next
+        group commit (``commit_interval_s``), as gossip applies do: for a
+        peer's entry that we only need to know about (a job's hold, which
+        the consumer has made durable and anyone can fetch again) a fsync on
+        the path to the job's first token buys nothing."""
         decoded = self.ledger.decode_batch(list(wires))
-        verdicts = await self._verify(signature_items(decoded))
+        # An entry whose id we hold is a duplicate whatever its signature
+        # says (the ledger changes nothing for it), so only the others need
+        # their signatures checked.
+        new = [d for d in decoded if isinstance(d, Entry) and not self.ledger.has_entry(d.id)]
+        checked = dict(zip(map(id, new), await self._verify(signature_items(new))))
+        verdicts = [checked.get(id(d), True) for d in decoded if isinstance(d, Entry)]
         results = self.ledger.apply_checked(decoded, verdicts, self.now_ms())
         for result in results:
             if isinstance(result, ApplyResult):
                 self._track(result, OFFERED)
             else:
                 self._counters["rejected"] += 1
-        self._commit()
+        if durable:
+            self._commit()
+        else:
+            self._commit_soon()
         return results
 
     async def _verify(self, items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
         if not items:
             return []
+        if len(items) <= INLINE_VERIFY_MAX:  # a thread hop costs more than a few checks
+            return self._verifier(items)  # type: ignore[arg-type]
         pending = self._verifier.submit(items)
         return await trio.to_thread.run_sync(pending.result)
 
@@ -517,6 +536,11 @@ class LedgerReplicator:
         bucket = _TokenBucket(self._announce_rate, self._announce_burst)
         while True:
             await self._announce_wakeup.wait()
+            # Linger a moment: what commits next rides along, and the entry
+            # that woke us (a job's HOLD) reaches its provider inside the job
+            # request first, so the provider's loop is not busy checking the
+            # announcement while it decides on the job.
+            await trio.sleep(self.announce_delay_s)
             self._announce_wakeup = trio.Event()
             while self._announce_messages or self._announce_wires:
                 await bucket.take()
@@ -584,15 +608,19 @@ class LedgerReplicator:
             self._propagate(peer_id)
         return self._stats(peer_id, tally, started)
 
-    async def fetch_from(self, peer_id: str, ids: Iterable[bytes]) -> SyncStats:
+    async def fetch_from(self, peer_id: str, ids: Iterable[bytes], *, follow_up: bool = False) -> SyncStats:
         """Fetch specific entries by id (at most 1024 per request; more are
-        split) and apply them."""
+        split) and apply them. ``follow_up``: then fetch from the same peer
+        what those entries wait for, a few rounds deep (for a peer that is
+        the author of the chain we lack a piece of)."""
         started = time.perf_counter()
         tally = _Tally()
         wanted = list(dict.fromkeys(ids))
         try:
             for start in range(0, len(wanted), MAX_FETCH_IDS):
                 await self._fetch(peer_id, wanted[start : start + MAX_FETCH_IDS], tally)
+            if follow_up:
+                await self._follow_up(peer_id, tally)
         finally:
             if self._unacked or self.ledger.uncommitted:
                 self._commit()

@@ -418,7 +418,7 @@ def test_consumer_that_stops_paying_is_paused_then_stopped():
 def test_tokens_produced_while_paused_are_buffered_then_flushed():
     _, hold, signed, body = make_job(window=2)
     p = ProviderSession(bob, NET_ID, CONFIG)
-    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body), START_MS)
+    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS)
     p.accept(START_MS)
     p.tokens(START_MS, "a", 1)
     actions = p.tokens(START_MS, "b", 1)
@@ -512,7 +512,7 @@ BAD_FOR_CONSUMER = {
     "past max tokens": (_tokens(3, MAX_TOKENS + 1, count=MAX_TOKENS - 2), ProtocolViolation),
     "accept again": (encode_frame(jobs.ACCEPT, JOB_ID), ProtocolViolation),
     "reject now": (encode_frame(jobs.REJECT, JOB_ID, 1, "no", b""), ProtocolViolation),
-    "request to consumer": (encode_frame(jobs.REQUEST, JOB_ID, b"", b""), ProtocolViolation),
+    "request to consumer": (encode_frame(jobs.REQUEST, JOB_ID, b"", b"", []), ProtocolViolation),
     "voucher to consumer": (encode_frame(jobs.VOUCHER, JOB_ID, b"x"), ProtocolViolation),
     "receipt garbage": (encode_frame(jobs.RECEIPT, JOB_ID, b"\x92\x01"), MalformedInput),
     "error with bad waiver": (encode_frame(jobs.ERROR, JOB_ID, 7, "x", b"\x01"), MalformedInput),
@@ -595,23 +595,57 @@ def test_provider_refuses_bad_requests():
     ledger, hold, signed, body = make_job()
     p = ProviderSession(carol, NET_ID, CONFIG)  # the hold names bob
     with pytest.raises(ProtocolViolation):
-        p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body), START_MS)
+        p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS)
     p = ProviderSession(bob, NET_ID, CONFIG)
     for data, error in [
-        (encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body + b"x"), MalformedInput),  # body hash
-        (encode_frame(jobs.REQUEST, OTHER_JOB, signed.wire, body), ProtocolViolation),
+        (encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body + b"x", []), MalformedInput),  # body hash
+        (encode_frame(jobs.REQUEST, OTHER_JOB, signed.wire, body, []), ProtocolViolation),
         (encode_frame(jobs.ACCEPT, JOB_ID), ProtocolViolation),  # before the request
-        (encode_frame(jobs.REQUEST, JOB_ID, signed.wire[:-1] + b"\x00", body), BadSignature),
+        (encode_frame(jobs.REQUEST, JOB_ID, signed.wire[:-1] + b"\x00", body, []), BadSignature),
     ]:
         before = p.snapshot()
         with pytest.raises(error):
             p.receive(data, START_MS)
         assert p.snapshot() == before
     with pytest.raises(ProtocolViolation):  # hold expired by now
-        p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body), START_MS + 600_000)
+        p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS + 600_000)
     assert p.state is ProviderState.WAITING
-    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body), START_MS)
+    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS)
     assert p.state is ProviderState.DECIDING
+
+
+def test_request_context_is_shape_checked_and_handed_on_unchecked():
+    ledger = Ledger(MemoryStore(), GENESIS)
+    previous = ledger.send(alice, carol.public_key, 5, START_MS - 1).wire  # alice's entry before the hold
+    ledger, hold, signed, body = make_job(ledger)
+    p = ProviderSession(bob, NET_ID, CONFIG)
+    for context in ([b"x"] * (jobs.MAX_REQUEST_CONTEXT + 1), ["not bytes"], [b"y" * (jobs.MAX_WIRE + 1)], b"nope"):
+        with pytest.raises(MalformedInput):
+            p.receive(pack([jobs.REQUEST, JOB_ID, signed.wire, body, context]), START_MS)
+        assert p.state is ProviderState.WAITING
+    with pytest.raises(MalformedInput):  # the old four-item frame
+        p.receive(pack([jobs.REQUEST, JOB_ID, signed.wire, body]), START_MS)
+    (received,) = p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, [previous]), START_MS)
+    assert isinstance(received, RequestReceived) and received.context == (previous,)
+    with pytest.raises(LocalProtocolError):
+        ConsumerSession(alice, NET_ID, signed, body, CONFIG, context=(previous,) * (jobs.MAX_REQUEST_CONTEXT + 1))
+    c = ConsumerSession(alice, NET_ID, signed, body, CONFIG, context=(previous,))
+    (send,) = c.start(START_MS)
+    assert decode_frame(send.data).args[2] == (previous,)
+
+
+def test_a_stream_that_never_brings_a_request_ends_quietly_at_its_deadline():
+    p = ProviderSession(bob, NET_ID, CONFIG)
+    assert p.next_deadline() is None
+    assert p.open(START_MS) == [] and p.next_deadline() == START_MS + CONFIG.request_wait_ms
+    assert p.on_timer(START_MS + CONFIG.request_wait_ms - 1) == [] and p.state is ProviderState.WAITING
+    assert p.on_timer(START_MS + CONFIG.request_wait_ms) == [] and p.state is ProviderState.DONE
+    # a request in time clears the deadline: deciding takes as long as it takes
+    _, _, signed, body = make_job()
+    p = ProviderSession(bob, NET_ID, CONFIG)
+    p.open(START_MS)
+    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS + 10)
+    assert p.state is ProviderState.DECIDING and p.next_deadline() is None
 
 
 def test_request_must_be_covered_by_its_own_hold():
@@ -751,7 +785,7 @@ def test_no_first_token_after_accept():
 
 def test_provider_deciding_can_be_cancelled_or_lost():
     _, _, signed, body = make_job()
-    request = encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body)
+    request = encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, [])
     p = ProviderSession(bob, NET_ID, CONFIG)
     p.receive(request, START_MS)
     assert p.receive(encode_frame(jobs.CANCEL, JOB_ID, jobs.R_USER, "never mind"), START_MS) == []
@@ -764,7 +798,7 @@ def test_provider_deciding_can_be_cancelled_or_lost():
 def test_backend_failure_while_paused_claims_what_was_paid():
     _, hold, signed, body = make_job(window=2)
     p = ProviderSession(bob, NET_ID, CONFIG)
-    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body), START_MS)
+    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS)
     p.accept(START_MS)
     p.tokens(START_MS, "a", 1)
     voucher = make_voucher(alice, NET_ID, hold.id, job_cost(PRICES, 0, 1), START_MS)
@@ -779,7 +813,7 @@ def test_backend_failure_while_paused_claims_what_was_paid():
 def test_provider_cancel_while_paused():
     _, hold, signed, body = make_job(window=1)
     p = ProviderSession(bob, NET_ID, CONFIG)
-    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body), START_MS)
+    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS)
     p.accept(START_MS)
     assert Pause() in p.tokens(START_MS, "a", 1)
     cancel, stop = p.cancel(START_MS, "draining", jobs.R_BUSY)

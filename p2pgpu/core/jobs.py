@@ -125,6 +125,7 @@ MAX_TOKENS_PER_FRAME = 4096
 MAX_JOB_TOKENS = 1 << 24
 MAX_REASON_CHARS = 256
 MAX_WIRE = 4096  # an embedded signed object (hold entry, voucher, waiver)
+MAX_REQUEST_CONTEXT = 8  # the consumer's own recent entries a REQUEST may carry before its hold
 MILLION = 1_000_000
 
 KINDS = ("generate", "chat")
@@ -385,7 +386,7 @@ def decode_receipt(wire: bytes, network_id: bytes) -> Receipt:
 # Unsigned frames: positional arrays [type, job_id, ...]. REQUEST carries the
 # signed request and the body; RECEIPT/VOUCHER/REJECT carry signed wires.
 
-_FRAME_LEN = {REQUEST: 4, ACCEPT: 2, REJECT: 5, TOKENS: 6, VOUCHER: 3, CANCEL: 4, RECEIPT: 3, ERROR: 5}
+_FRAME_LEN = {REQUEST: 5, ACCEPT: 2, REJECT: 5, TOKENS: 6, VOUCHER: 3, CANCEL: 4, RECEIPT: 3, ERROR: 5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +419,10 @@ def decode_frame(data: bytes) -> Frame:
     if type_ == REQUEST:
         check_bytes(a[0], "request", max_size=MAX_SIGNED_SIZE)
         check_bytes(a[1], "job body", max_size=MAX_BODY)
+        check_list(a[2], "request context", max_len=MAX_REQUEST_CONTEXT)
+        for wire in a[2]:
+            check_bytes(wire, "context entry", max_size=MAX_WIRE)
+        a = [a[0], a[1], tuple(a[2])]
     elif type_ == REJECT or type_ == ERROR:
         check_int(a[0], "reason code", 0, 255)
         check_str(a[1], "reason", MAX_REASON_CHARS)
@@ -488,8 +493,10 @@ class ReleaseHold:
 @dataclass(frozen=True, slots=True)
 class RequestReceived:
     """Provider: a valid request arrived; check it against the offer, slots
-    and the ledger replica, then call ``accept`` or ``reject``."""
+    and the ledger replica, then call ``accept`` or ``reject``. ``context``:
+    entries the consumer sent along (unchecked: the ledger checks them)."""
     request: JobRequest
+    context: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,6 +530,7 @@ class SessionConfig:
     receipt_ms: int = 10_000  # consumer: cancel -> receipt
     pause_grace_ms: int = 10_000  # provider: paused this long -> stop
     settle_ms: int = 10_000  # provider: receipt -> final voucher
+    request_wait_ms: int = 60_000  # provider: stream opened -> request (a consumer keeps one ready ahead of need)
     voucher_every: int | None = None  # consumer: tokens per voucher; default half the credit window
 
 
@@ -615,13 +623,15 @@ class ConsumerSession(_Machine):
     _REMOTE_EVENTS = frozenset(FRAME_NAMES)
 
     def __init__(self, key: NodeKey, network_id: bytes, request: Signed, body: bytes,
-                 config: SessionConfig = SessionConfig()) -> None:
+                 config: SessionConfig = SessionConfig(), context: tuple[bytes, ...] = ()) -> None:
         self.key = key
         self.network_id = network_id
         self.request = decode_request(request.wire, body, network_id)
         if self.request.consumer != key.public_key:
             raise LocalProtocolError("the request is not signed by this consumer")
-        self._request_frame = encode_frame(REQUEST, self.request.job_id, request.wire, body)
+        if len(context) > MAX_REQUEST_CONTEXT:
+            raise LocalProtocolError(f"a request carries at most {MAX_REQUEST_CONTEXT} context entries")
+        self._request_frame = encode_frame(REQUEST, self.request.job_id, request.wire, body, list(context))
         self.job_id = self.request.job_id
         self.hold_id = self.request.hold_id
         self.provider: bytes = self.request.hold.body.provider  # type: ignore[union-attr]
@@ -801,6 +811,8 @@ _P = ProviderState
 _P_GEN = (_P.RUNNING, _P.PAUSED)
 
 _PROVIDER_TABLE: dict = {
+    (_P.WAITING, "open"): ("_open", {_P.WAITING}),
+    (_P.WAITING, TIMER): ("_request_overdue", {_P.DONE}),  # an idle stream: end it, say nothing
     (_P.WAITING, REQUEST): ("_on_request", {_P.DECIDING}),
     (_P.DECIDING, "accept"): ("_accept", {_P.RUNNING}),
     (_P.DECIDING, "reject"): ("_reject", {_P.DONE}),
@@ -865,6 +877,12 @@ class ProviderSession(_Machine):
         elif frame.job_id != self.job_id:
             raise ProtocolViolation("frame names another job")
         return self._dispatch(frame.type, frame, now_ms)
+
+    def open(self, now_ms: int) -> list[Action]:
+        """The stream is open: the request must come within ``request_wait_ms``.
+        A consumer may open a stream ahead of its next job, so waiting is
+        normal; waiting for ever would let idle streams pile up."""
+        return self._dispatch("open", now_ms)
 
     def accept(self, now_ms: int) -> list[Action]:
         return self._dispatch("accept", now_ms)
@@ -940,7 +958,7 @@ class ProviderSession(_Machine):
 
     # --- handlers
     def _on_request(self, frame, now_ms):
-        wire, body = frame.args
+        wire, body, context = frame.args
         request = decode_request(wire, body, self.network_id)
         hold: Hold = request.hold.body  # type: ignore[assignment]
         if request.job_id != frame.job_id:
@@ -950,7 +968,16 @@ class ProviderSession(_Machine):
         if hold.expiry_ms <= now_ms:
             raise ProtocolViolation("the hold has expired")
         self.request, self.job_id = request, request.job_id
-        return _P.DECIDING, [RequestReceived(request)]
+        self.deadline = None
+        return _P.DECIDING, [RequestReceived(request, context)]
+
+    def _open(self, now_ms):
+        self.deadline = now_ms + self.config.request_wait_ms
+        return _P.WAITING, []
+
+    def _request_overdue(self, now_ms):
+        self.deadline = None
+        return _P.DONE, []
 
     def _accept(self, now_ms):
         log.info("job %s: accepted", self.job_id.hex()[:8])

@@ -107,9 +107,12 @@ from libp2p.host.ping import PingService
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.network.stream.net_stream import StreamState
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
+from libp2p.protocol_muxer.multiselect import MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG
+from libp2p.utils import encode_delim, read_delim
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub, ValidationCache
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -295,6 +298,8 @@ def _map_stream_error(exc: BaseException, what: str) -> P2PGPUError:
 
 
 _LIBRARY_IO_ERRORS = (BaseLibp2pError, trio.BrokenResourceError)
+NEGOTIATE_TIMEOUT_S = 10.0  # multistream-select on a stream we open
+_STREAM_OPEN = StreamState.OPEN
 
 
 class FrameStream:
@@ -348,6 +353,23 @@ class FrameStream:
 
     def __repr__(self) -> str:
         return f"FrameStream({self.protocol_id} with {self.remote_peer_id})"
+
+    def looks_open(self) -> bool:
+        """What we know without a round trip: False once we or the remote
+        closed or reset the stream, or its connection went away (a killed
+        peer's OS closes the socket, so that shows here within moments).
+        True is a good guess, not a promise: the peer may die right after."""
+        if self._finished or self._write_closed or self._eof or self._frames:
+            return False  # a stream kept idle must have nothing unread either
+        try:
+            if self._stream.muxed_conn.is_closed:
+                return False
+            muxed = self._stream.muxed_stream
+            if muxed.closed or muxed.send_closed or muxed.recv_closed or muxed.reset_received:
+                return False
+            return getattr(self._stream, "_state", None) in (None, _STREAM_OPEN)
+        except AttributeError:  # a library change: say no, and open a fresh stream
+            return False
 
     async def send_frame(self, payload: bytes) -> None:
         """Send one frame. Holds a lock so concurrent senders never interleave."""
@@ -976,7 +998,10 @@ class P2PHost:
         if not self._swarm.get_connections(pid):
             self._swarm.unblock_peer(pid)  # pitfall 7: our caller decides on retries
         try:
-            net_stream = await self._host.new_stream(pid, [TProtocol(protocol_id)])
+            if self._swarm.get_connections(pid):
+                net_stream = await self._new_stream_pipelined(pid, protocol_id)
+            else:
+                net_stream = await self._host.new_stream(pid, [TProtocol(protocol_id)])
         except (*_LIBRARY_IO_ERRORS, OSError) as exc:
             if _protocol_refused(exc):
                 raise ProtocolNotSupported(
@@ -986,6 +1011,43 @@ class P2PHost:
                 raise StreamAborted(f"opening {protocol_id} to {peer_id}: {exc}") from exc
             raise PeerUnreachable(f"cannot reach {peer_id}: {exc}") from exc
         return FrameStream(net_stream, self._max_frame)
+
+    async def _new_stream_pipelined(self, pid: ID, protocol_id: str) -> Any:
+        """A stream on an existing connection, negotiated in one round trip.
+
+        The library's multistream-select client writes the multistream
+        header, waits for it to come back, then writes the protocol and waits
+        again: two round trips, a quarter of a job's time to first token on
+        loopback. The listener reads each message exactly (varint length,
+        then that many bytes), so both can go in one write and both answers
+        be read after it, which multistream-select allows (the listener
+        answers each message in order). An answer other than the header and
+        then the protocol fails the stream as the library's client would.
+        """
+        net_stream = await self._swarm.new_stream(pid)
+        try:
+            with trio.fail_after(NEGOTIATE_TIMEOUT_S):
+                await net_stream.write(
+                    encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol_id.encode()))
+                header = (await read_delim(net_stream)).decode(errors="replace")
+                if header != MULTISELECT_PROTOCOL_ID:
+                    raise MultiselectClientError(f"multiselect protocol ID mismatch: got {header[:60]!r}")
+                answer = (await read_delim(net_stream)).decode(errors="replace")
+                if answer == PROTOCOL_NOT_FOUND_MSG:
+                    raise ProtocolNotSupportedError(f"protocol {protocol_id} not supported")
+                if answer != protocol_id:
+                    raise MultiselectClientError(f"asked for {protocol_id}, the peer answered {answer[:60]!r}")
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                try:
+                    await net_stream.reset()
+                except Exception:  # noqa: BLE001 - it is going away either way
+                    pass
+            if isinstance(exc, trio.TooSlowError):
+                raise MultiselectClientError(f"negotiating {protocol_id} timed out") from exc
+            raise
+        net_stream.set_protocol(TProtocol(protocol_id))
+        return net_stream
 
     # -- gossip ---------------------------------------------------------------
 
