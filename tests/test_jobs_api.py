@@ -14,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from test_api import ALICE, BOB, CAROL, HTTP_TIMEOUT, TOKEN, FakeNodeView, assert_error, auth
+from test_api import ALICE, BOB, CAROL, FakeNodeView, assert_error, auth
 from test_cli_api import Node, ThreadedApi
+from test_submit_api import serving
 
-from p2pgpu.api import NodeView, create_app, serve_api, write_api_address
+from p2pgpu.api import NodeView, write_api_address
 from p2pgpu.api_client import ApiClient
 from p2pgpu.core.identity import public_key_from_peer_id
 from p2pgpu.core.jobrecords import (
@@ -99,15 +100,8 @@ def _check_protocol(view: JobsView) -> NodeView:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[JobsView, httpx.AsyncClient, httpx.AsyncClient]]:
     view = JobsView()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_api, create_app(view, TOKEN))
-        url = f"http://127.0.0.1:{port}"
-        async with (
-            httpx.AsyncClient(base_url=url, headers=auth(), timeout=HTTP_TIMEOUT, trust_env=False) as client,
-            httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT, trust_env=False) as bare,
-        ):
-            yield view, client, bare
-        nursery.cancel_scope.cancel()
+    async with serving(view) as (client, bare):
+        yield view, client, bare
 
 
 EXPECTED = JobsView(on_trio_thread=False)

@@ -8,8 +8,6 @@ stand-in closed before a test returns.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import trio
 
 from p2pgpu.api import SubmitRequest
@@ -20,7 +18,8 @@ from p2pgpu.core.jobs import Prices, job_cost
 from p2pgpu.core.ledger import BASIS_TIMEOUT, HOLD
 from p2pgpu.node import Node
 from p2pgpu.testing.ollama_standin import serve_standin
-from test_node import Network, live, wait_for
+from test_node import Network, first_loopback, live, wait_for
+from test_submit import collect
 
 MODEL = "llama3.2:1b"
 DEADLINE = 60.0  # seconds: for a loaded two-core machine
@@ -45,7 +44,7 @@ class Net(Network):
 
     async def start(self, nursery, index: int, ollama_host: str | None = None) -> Node:
         others = [n for i, n in enumerate(self.nodes) if i != index and not self.ended[i].is_set()]
-        bootstrap = (_loopback(others[0].host.listen_addrs()),) if others else ()
+        bootstrap = (first_loopback(others[0].host.listen_addrs()),) if others else ()
         node = Node(self.config(index, bootstrap, ollama_host))
         scope = trio.CancelScope()
         ended = trio.Event()
@@ -77,17 +76,6 @@ class Net(Network):
                 await self.stop(index)
 
 
-def _loopback(addrs: list[str]) -> str:
-    return next(a for a in addrs if "/127.0.0.1/" in a)
-
-
-async def collect(node: Node, request: SubmitRequest, on_event: Callable[[dict], Awaitable[None]] | None = None) -> list[dict]:
-    events = []
-    async for event in node.submit(request):
-        events.append(event)
-        if on_event is not None:
-            await on_event(event)
-    return events
 
 
 def tokens_seen(events: list[dict]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -78,9 +79,9 @@ def _check_protocol(view: SubmitView) -> NodeView:
     return view  # the type checker confirms the fake fits the seam
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[SubmitView, httpx.AsyncClient, httpx.AsyncClient]]:
-    view = SubmitView()
+@asynccontextmanager
+async def serving(view: Any) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """The real API over a fake view: a client with the token, one without."""
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_api, create_app(view, TOKEN))
         url = f"http://127.0.0.1:{port}"
@@ -88,8 +89,15 @@ async def served() -> AsyncIterator[tuple[SubmitView, httpx.AsyncClient, httpx.A
             httpx.AsyncClient(base_url=url, headers=auth(), timeout=HTTP_TIMEOUT, trust_env=False) as client,
             httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT, trust_env=False) as bare,
         ):
-            yield view, client, bare
+            yield client, bare
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[SubmitView, httpx.AsyncClient, httpx.AsyncClient]]:
+    view = SubmitView()
+    async with serving(view) as (client, bare):
+        yield view, client, bare
 
 
 async def stream(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[httpx.Response, list[dict[str, Any]]]:
