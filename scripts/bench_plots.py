@@ -153,18 +153,23 @@ def plot_job(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _ratio_target(ax, result: dict, ratio_key: str, ceiling_key: str, ceiling_name: str) -> None:
+    """A target given as a share of a ceiling, drawn where it falls."""
+    target = result.get("targets", {}).get(ratio_key)
+    if target is not None and result.get(ceiling_key):
+        ax.axvline(target * result[ceiling_key], color=TARGET, linestyle="--", linewidth=1,
+                   label=f"target: {target:.0%} of {ceiling_name}")
+        ax.legend(fontsize=8, loc="lower right")
+
+
 def plot_ledger(result: dict, path: Path) -> Path:
     fig, (append_ax, verify_ax) = plt.subplots(2, 1, figsize=(8, 4.8), gridspec_kw={"height_ratios": [2, 4]})
-    targets = result.get("targets", {})
     labels, values, colors = _pairs(result, [
         ("raw_sign_per_s", "raw ed25519 sign (ceiling)", CEILING),
         ("local_append_per_s", "local append (ours)", OURS),
     ])
     _bars(append_ax, labels, values, colors, "entries/s")
-    if "append_sign_ratio" in targets and result.get("raw_sign_per_s"):
-        append_ax.axvline(targets["append_sign_ratio"] * result["raw_sign_per_s"], color=TARGET, linestyle="--",
-                          linewidth=1, label=f"target: {targets['append_sign_ratio']:.0%} of raw sign")
-        append_ax.legend(fontsize=8, loc="lower right")
+    _ratio_target(append_ax, result, "append_sign_ratio", "raw_sign_per_s", "raw sign")
     append_ax.set_title("signing: local append vs raw sign", fontsize=10)
     labels, values, colors = _pairs(result, [
         ("raw_verify_per_s", "raw verify, 1 thread (ceiling)", CEILING),
@@ -173,10 +178,7 @@ def plot_ledger(result: dict, path: Path) -> Path:
         ("verify_apply_per_s", "verify + apply, batched (ours)", OURS),
     ])
     _bars(verify_ax, labels, values, colors, "entries/s")
-    if "verify_apply_ratio" in targets and result.get("raw_verify_per_s"):
-        verify_ax.axvline(targets["verify_apply_ratio"] * result["raw_verify_per_s"], color=TARGET, linestyle="--",
-                          linewidth=1, label=f"target: {targets['verify_apply_ratio']:.0%} of raw verify")
-        verify_ax.legend(fontsize=8, loc="lower right")
+    _ratio_target(verify_ax, result, "verify_apply_ratio", "raw_verify_per_s", "raw verify")
     verify_ax.set_title("a peer's entries: verify + apply vs raw verify", fontsize=10)
     fig.suptitle(TITLES["ledger"], fontsize=10)
     return _save(fig, path)
