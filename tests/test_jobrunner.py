@@ -72,11 +72,17 @@ class Pair:
                              self.bob.host.peer_id, PRICES, **args)
 
 
-async def _peer(stack: AsyncExitStack, nursery: trio.Nursery, name: str) -> Peer:
+async def _peer(stack: AsyncExitStack, nursery: trio.Nursery, name: str, ledger: Ledger | None = None,
+                **rep_kw) -> Peer:
+    """A host + ledger + running replicator, all closed by ``stack``.
+    ``ledger``: an existing one (a node restarting on its data);
+    ``rep_kw``: replicator options over this file's defaults."""
     key = key_for(name)
     host = await stack.enter_async_context(open_host(key, gossip=GossipConfig()))
-    ledger = Ledger(MemoryStore(), GENESIS)
-    rep = LedgerReplicator(host, ledger, network_id=NET, now_ms=now_ms, sync_interval_s=1.0)
+    if ledger is None:
+        ledger = Ledger(MemoryStore(), GENESIS)
+    rep_kw.setdefault("sync_interval_s", 1.0)
+    rep = LedgerReplicator(host, ledger, network_id=NET, now_ms=now_ms, **rep_kw)
     stack.callback(rep.close)
     scope = trio.CancelScope()
     stopped = trio.Event()
@@ -97,17 +103,27 @@ async def _peer(stack: AsyncExitStack, nursery: trio.Nursery, name: str) -> Peer
     return Peer(key, host, ledger, rep)
 
 
+async def provider(stack: AsyncExitStack, nursery: trio.Nursery, standin: OllamaStandin, *,
+                   ledger: Ledger | None = None, rep_kw: dict | None = None, slots: int = 1,
+                   **service_kw) -> tuple[Peer, ProviderService]:
+    """bob, serving jobs in front of ``standin`` until ``stack`` closes."""
+    bob = await _peer(stack, nursery, "bob", ledger, **(rep_kw or {}))
+    service = ProviderService(bob.host, bob.rep, bob.ledger, bob.key, OllamaBackend(standin.host),
+                              prices=PRICES, slots=slots, now_ms=now_ms, **service_kw)
+    service.start()
+    stack.callback(service.close)
+    return bob, service
+
+
 @asynccontextmanager
-async def pair(*, tokens_per_second: float | None = None, slots: int = 1, **service_kw) -> AsyncIterator[Pair]:
+async def pair(*, tokens_per_second: float | None = None, rep_kw: dict | None = None,
+               **service_kw) -> AsyncIterator[Pair]:
+    """``rep_kw``: replicator options for both peers; ``service_kw``: the provider's."""
     async with AsyncExitStack() as stack:
         standin = await stack.enter_async_context(serve_standin([MODEL], tokens_per_second=tokens_per_second))
         nursery = await stack.enter_async_context(trio.open_nursery())
-        alice = await _peer(stack, nursery, "alice")
-        bob = await _peer(stack, nursery, "bob")
-        service = ProviderService(bob.host, bob.rep, bob.ledger, bob.key, OllamaBackend(standin.host),
-                                  prices=PRICES, slots=slots, now_ms=now_ms, **service_kw)
-        service.start()
-        stack.callback(service.close)
+        alice = await _peer(stack, nursery, "alice", **(rep_kw or {}))
+        bob, service = await provider(stack, nursery, standin, rep_kw=rep_kw, **service_kw)
         await alice.host.connect(bob.host.listen_addrs()[0])
         yield Pair(alice, bob, service, standin)
 

@@ -328,6 +328,125 @@ async def test_a_failing_handler_resets_only_its_stream() -> None:
         assert alice.peers() == [bob.peer_id]
 
 
+async def greet_then_echo(stream: FrameStream) -> None:
+    """The server speaks first, right behind its multistream answer."""
+    await stream.send_frame(b"hello " + stream.remote_peer_id.encode())
+    await echo(stream)
+
+
+async def test_streams_on_a_live_connection_negotiate_in_one_write(monkeypatch) -> None:
+    """``open_stream`` on an existing connection pipelines multistream-select
+    (``P2PHost._new_stream_pipelined``): the header and the protocol in one
+    write, both answers read after it. Frames flow both ways right behind the
+    answers, in either direction of the connection and for many streams at
+    once; a protocol the peer does not serve is ``ProtocolNotSupported`` and
+    leaves the connection and its other streams as they were."""
+    pipelined: list[str] = []
+    negotiate = P2PHost._new_stream_pipelined  # noqa: SLF001
+
+    async def counted(self: P2PHost, pid: object, protocol_id: str) -> object:
+        pipelined.append(protocol_id)
+        return await negotiate(self, pid, protocol_id)
+
+    monkeypatch.setattr(P2PHost, "_new_stream_pipelined", counted)
+    nope = "/p2pgpu/nope/1.0.0"
+    async with hosts(2) as (alice, bob):
+        for node in (alice, bob):
+            node.set_stream_handler(JOB_PROTOCOL, greet_then_echo)
+        await alice.connect(bob.listen_addrs()[0])
+        await wait_until(lambda: bob.peers() == [alice.peer_id])
+        assert pipelined == []  # the dial negotiated the library's way
+
+        with trio.fail_after(DEADLINE):
+            for near, far in ((alice, bob), (bob, alice)):  # the dialer and the listener
+                async with await near.open_stream(far.peer_id, JOB_PROTOCOL) as stream:
+                    assert stream.protocol_id == JOB_PROTOCOL and stream.remote_peer_id == far.peer_id
+                    assert await stream.receive_frame() == b"hello " + near.peer_id.encode()
+                    await stream.send_frame(b"ping")
+                    assert await stream.receive_frame() == b"echo:ping"
+        assert pipelined == [JOB_PROTOCOL, JOB_PROTOCOL]
+
+        answers: dict[int, bytes | None] = {}
+
+        async def one(i: int) -> None:
+            async with await alice.open_stream(bob.peer_id, JOB_PROTOCOL) as stream:
+                assert await stream.receive_frame() == b"hello " + alice.peer_id.encode()
+                await stream.send_frame(b"%d" % i)
+                answers[i] = await stream.receive_frame()
+
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(one, i)
+        assert answers == {i: b"echo:%d" % i for i in range(20)}
+
+        with trio.fail_after(DEADLINE):
+            async with await alice.open_stream(bob.peer_id, JOB_PROTOCOL) as long_lived:
+                assert await long_lived.receive_frame() == b"hello " + alice.peer_id.encode()
+                for _ in range(3):
+                    with pytest.raises(ProtocolNotSupported):
+                        await alice.open_stream(bob.peer_id, nope)
+                assert long_lived.looks_open()
+                await long_lived.send_frame(b"after")
+                assert await long_lived.receive_frame() == b"echo:after"
+            async with await alice.open_stream(bob.peer_id, JOB_PROTOCOL) as fresh:
+                assert await fresh.receive_frame() == b"hello " + alice.peer_id.encode()
+        assert pipelined.count(nope) == 3 and pipelined.count(JOB_PROTOCOL) == 24
+        assert alice.peers() == [bob.peer_id] and bob.peers() == [alice.peer_id]
+
+
+async def obey(stream: FrameStream) -> None:
+    """Ends the stream when told: b"reset" resets it, b"close" returns (the
+    host then closes it: our FIN); otherwise it reads until the remote ends."""
+    while (order := await stream.receive_frame()) is not None:
+        if order == b"reset":
+            await stream.reset()
+            return
+        if order == b"close":
+            return
+
+
+async def test_looks_open_tells_when_a_stream_has_ended_without_a_round_trip() -> None:
+    """``FrameStream.looks_open``: True on a fresh stream; False once the
+    remote reset or closed it, once we reset, closed or half-closed it, and
+    once its connection went away, all without reading from it."""
+    async with hosts(2) as (alice, bob):
+        bob.set_stream_handler(JOB_PROTOCOL, obey)
+        await alice.connect(bob.listen_addrs()[0])
+
+        async def fresh(to: P2PHost) -> FrameStream:
+            with trio.fail_after(DEADLINE):
+                stream = await alice.open_stream(to.peer_id, JOB_PROTOCOL)
+            assert stream.looks_open()
+            return stream
+
+        bystander = await fresh(bob)
+        for order in (b"reset", b"close"):
+            stream = await fresh(bob)
+            await stream.send_frame(order)
+            await wait_until(lambda: not stream.looks_open(), DEADLINE, what=f"the remote's {order.decode()}")
+            await stream.reset()
+
+        for end in (FrameStream.reset, FrameStream.close, FrameStream.close_write):
+            stream = await fresh(bob)
+            await end(stream)
+            assert not stream.looks_open(), end.__name__
+
+        async with open_host(NodeKey.generate()) as carol:
+            carol.set_stream_handler(JOB_PROTOCOL, obey)
+            await alice.connect(carol.listen_addrs()[0])
+            doomed = await fresh(carol)
+        await wait_until(lambda: not doomed.looks_open(), DEADLINE, what="the closed host's connection to go")
+        await doomed.reset()  # harmless on a dead connection
+
+        assert bystander.looks_open()  # none of that touched it
+        await bystander.send_frame(b"close")
+        with trio.fail_after(DEADLINE):
+            assert await bystander.receive_frame() is None
+        assert not bystander.looks_open()
+        await bystander.close()
+
+
 # --- dialing -------------------------------------------------------------------
 
 

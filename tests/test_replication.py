@@ -22,7 +22,7 @@ import trio
 from p2pgpu.core.codec import Tag, sign_object
 from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.kv import MemoryStore
-from p2pgpu.core.ledger import SEND, Entry, Ledger, decode_entry
+from p2pgpu.core.ledger import SEND, ApplyResult, Entry, Ledger, decode_entry
 from p2pgpu.core.protocols import LEDGER_SYNC_PROTOCOL
 from p2pgpu.core.sync import (
     End,
@@ -34,7 +34,7 @@ from p2pgpu.core.sync import (
     encode_announcement,
     encode_message,
 )
-from p2pgpu.errors import InsufficientFunds, MalformedInput, Oversized, P2PGPUError, Truncated
+from p2pgpu.errors import BadSignature, InsufficientFunds, MalformedInput, Oversized, P2PGPUError, Truncated
 from p2pgpu.net import FrameStream, GossipConfig, P2PHost, StreamAborted, open_host
 from p2pgpu.replication import LedgerReplicator
 from p2pgpu.store import LevelDBStore
@@ -380,6 +380,75 @@ async def test_an_entry_waiting_for_its_parent_fetches_it_by_id() -> None:
         await wait_until(lambda: b.ledger.has_entry(receive.id) and same_state([a, b]))
         assert b.rep.stats()["fetched"] >= 1
         assert b.rep.stats()["sync_sessions"] == 1  # the connection's only
+
+
+# ------------------------------------------------------------------ offers
+
+
+def tampered(wire: bytes) -> bytes:
+    """The same entry (same payload, so the same id) with a signature that does not verify."""
+    return wire[:-64] + bytes(64)
+
+
+def bob_chain(count: int) -> list[bytes]:
+    """bob's first ``count`` entries, small SENDs to carol, each naming the one before."""
+    wires, prev = [], b""
+    for seq in range(1, count + 1):
+        wires.append(signed_send("bob", seq, prev, "carol", 1, now_ms()))
+        prev = decode_entry(wires[-1], NET).id
+    return wires
+
+
+async def test_an_offered_entry_we_hold_is_a_duplicate_whatever_its_signature(tmp_path: Path) -> None:
+    """``offer`` checks the signatures of the entries it does not hold only:
+    one we hold, with its signature bytes altered, is a duplicate that
+    changes nothing (the stored wire stays the valid one), while an unknown
+    entry with a bad signature is still refused. Verdicts stay in line with
+    their entries, with the thread pool (over 4 to check) or without."""
+    async with network(tmp_path) as net:
+        node = await net.add("alice")
+        (send,) = await node.rep.append(lambda l: l.send(key_for("alice"), key_for("bob").public_key, 5, now_ms()))
+        before = node.ledger.state_hash()
+        [again] = await node.rep.offer([tampered(send.wire)])
+        assert isinstance(again, ApplyResult) and again.status == "duplicate" and again.entry_id == send.id
+        assert node.ledger.state_hash() == before and node.ledger.get_wire(send.id) == send.wire
+        assert node.ledger.uncommitted == 0 and len(node.ledger.unchecked) == 0
+
+        first, *rest = bob_chain(6)
+        [forged] = await node.rep.offer([tampered(first)])
+        assert isinstance(forged, BadSignature)
+        assert node.ledger.state_hash() == before and not node.ledger.has_entry(decode_entry(first, NET).id)
+
+        batches = [
+            ([b"garbage", tampered(send.wire), tampered(first), first],  # two to check: inline
+             [MalformedInput, "duplicate", BadSignature, "applied"]),
+            ([tampered(send.wire), tampered(first), *rest],  # five to check: the thread pool
+             ["duplicate", "duplicate", *["applied"] * len(rest)]),
+        ]
+        for batch, expected in batches:
+            results = await node.rep.offer(batch)
+            assert [r.status if isinstance(r, ApplyResult) else type(r) for r in results] == expected
+        assert node.ledger.head(key_for("bob").public_key)[0] == 6
+        assert all(node.ledger.get_wire(decode_entry(w, NET).id) == w for w in [send.wire, first, *rest])
+        assert node.rep.stats()["rejected"] == 3 and node.rep.stats()["applied_offered"] == 6
+
+
+async def test_an_offer_that_need_not_be_durable_waits_for_the_group_commit(tmp_path: Path) -> None:
+    async with network(tmp_path) as net:
+        node = await net.add("alice")
+        durable, lazy = bob_chain(2)
+        [result] = await node.rep.offer([durable])
+        assert result.status == "applied" and node.ledger.uncommitted == 0  # committed before it returned
+        assert len(node.applied) == 1
+
+        [result] = await node.rep.offer([lazy], durable=False)
+        assert result.status == "applied" and node.ledger.has_entry(result.entry_id)
+        assert node.ledger.uncommitted > 0 and len(node.applied) == 1  # applied, not yet acknowledged
+        [again] = await node.rep.offer([tampered(lazy)], durable=False)  # held, if not yet durably
+        assert again.status == "duplicate" and node.ledger.uncommitted > 0
+        await wait_until(lambda: node.ledger.uncommitted == 0, DEADLINE, what="the group commit")
+        assert [e.id for e in node.applied] == [decode_entry(w, NET).id for w in (durable, lazy)]
+        assert node.rep.stats()["applied_offered"] == 2
 
 
 # ------------------------------------------------------------------ misbehaving peers
