@@ -167,6 +167,7 @@ def plot_ledger(result: dict, path: Path) -> Path:
     labels, values, colors = _pairs(result, [
         ("raw_sign_per_s", "raw ed25519 sign (ceiling)", CEILING),
         ("local_append_per_s", "local append (ours)", OURS),
+        ("local_append_pipelined_per_s", "local append, pipelined group writes (ours)", OURS),
     ])
     _bars(append_ax, labels, values, colors, "entries/s")
     _ratio_target(append_ax, result, "append_sign_ratio", "raw_sign_per_s", "raw sign")

@@ -94,6 +94,7 @@ class Overlay:
         self._staged: dict[bytes, bytes | None] = {}
         self.put: Callable[[bytes, bytes], None] = self._staged.__setitem__
         """Stage ``value`` at ``key``."""
+        self._writing: dict[bytes, bytes | None] | None = None  # handed to ``begin_flush``, not yet written
 
     def __len__(self) -> int:
         return len(self._staged)
@@ -101,6 +102,10 @@ class Overlay:
     def get(self, key: bytes) -> bytes | None:
         value = self._staged.get(key, _MISSING)
         if value is _MISSING:
+            if self._writing is not None:
+                value = self._writing.get(key, _MISSING)
+                if value is not _MISSING:
+                    return value  # type: ignore[return-value]
             return self.store.get(key)
         return value  # type: ignore[return-value]
 
@@ -108,8 +113,12 @@ class Overlay:
         self._staged[key] = None
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Merge the store's and the staged keys under ``prefix`` in order."""
-        staged_keys = sorted(k for k in self._staged if k.startswith(prefix))
+        """Merge the store's and the staged keys under ``prefix`` in order
+        (staged over any batch still being written, over the store)."""
+        staged = self._staged
+        if self._writing is not None:
+            staged = {**{k: v for k, v in self._writing.items() if k.startswith(prefix)}, **staged}
+        staged_keys = sorted(k for k in staged if k.startswith(prefix))
         if not staged_keys:
             yield from self.store.scan(prefix)
             return
@@ -117,30 +126,55 @@ class Overlay:
         next_staged = next(staged_iter, None)
         for key, value in self.store.scan(prefix):
             while next_staged is not None and next_staged < key:
-                staged_value = self._staged[next_staged]
+                staged_value = staged[next_staged]
                 if staged_value is not None:
                     yield next_staged, staged_value
                 next_staged = next(staged_iter, None)
             if next_staged == key:
-                staged_value = self._staged[key]
+                staged_value = staged[key]
                 if staged_value is not None:
                     yield key, staged_value
                 next_staged = next(staged_iter, None)
             else:
                 yield key, value
         while next_staged is not None:
-            staged_value = self._staged[next_staged]
+            staged_value = staged[next_staged]
             if staged_value is not None:
                 yield next_staged, staged_value
             next_staged = next(staged_iter, None)
 
     def flush(self, sync: bool = True) -> int:
         """Write everything staged in one atomic batch; returns keys written."""
+        if self._writing is not None:
+            raise RuntimeError("a batch handed to begin_flush is still being written")
         count = len(self._staged)
         if count:
             self.store.write(self._staged, sync=sync)
             self._staged.clear()
         return count
+
+    def begin_flush(self) -> Callable[[], None]:
+        """Hand everything staged over as one synced batch to be written by
+        the returned call, which may run on another thread (for a store
+        that allows concurrent reads, as LevelDB does) while this overlay
+        stages the next batch. Reads see the handed-over writes until
+        ``end_flush``. One batch at a time, so the store only ever holds a
+        prefix of the batches."""
+        if self._writing is not None:
+            raise RuntimeError("a batch handed to begin_flush is still being written")
+        batch, store = dict(self._staged), self.store
+        self._staged.clear()
+        self._writing = batch
+
+        def write() -> None:
+            if batch:
+                store.write(batch, sync=True)
+
+        return write
+
+    def end_flush(self) -> None:
+        """The call ``begin_flush`` returned has returned: the batch is in the store."""
+        self._writing = None
 
     def discard(self) -> None:
         self._staged.clear()

@@ -433,6 +433,21 @@ class ApplyResult:
     forks: tuple[bytes, ...] = ()
 
 
+class PendingCommit:
+    """A batch handed over by ``Ledger.begin_commit``: ``write()`` (blocking,
+    thread-safe with respect to the ledger's reads), then ``finish()`` on the
+    ledger's thread, which returns how many entries it acknowledges."""
+
+    __slots__ = ("write", "_end", "entries")
+
+    def __init__(self, write: Callable[[], None], end: Callable[[], None], entries: int) -> None:
+        self.write, self._end, self.entries = write, end, entries
+
+    def finish(self) -> int:
+        self._end()
+        return self.entries
+
+
 class _Waiting(Exception):
     """Internal: the entry names something we do not have yet."""
 
@@ -585,6 +600,19 @@ class Ledger:
         self._kv.flush(sync=True)
         acknowledged, self._uncommitted = self._uncommitted, 0
         return acknowledged
+
+    def begin_commit(self) -> "PendingCommit":
+        """``commit`` in two halves, so the fsync can overlap the next
+        entries: stage everything made so far as one batch and return it;
+        run its ``write`` (on another thread, if the store allows concurrent
+        reads), then ``finish`` it, which acknowledges its entries. Entries
+        made meanwhile go into the next batch and are read back as usual.
+        Nothing is acknowledged before its batch is durable, and batches
+        reach the store in order, one at a time."""
+        self._stage_accounts()
+        write = self._kv.begin_flush()
+        acknowledged, self._uncommitted = self._uncommitted, 0
+        return PendingCommit(write, self._kv.end_flush, acknowledged)
 
     @property
     def uncommitted(self) -> int:
