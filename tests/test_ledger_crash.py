@@ -6,6 +6,10 @@ with SIGKILL at random moments (20 times), reopens the store, and checks that
 every acknowledged entry is there, the chains verify, coins are conserved,
 and a rebuild reproduces the same state.
 
+It runs twice: with plain commits, and with pipelined ones
+(``Ledger.begin_commit``: a group's write on a thread while the next group
+is made, acknowledged when that write returned).
+
 SIGKILL ends the process but not the OS page cache, so this tests LevelDB's
 log and the atomicity of our batches, not power loss.
 """
@@ -28,18 +32,24 @@ from p2pgpu.store import LevelDBStore
 from p2pgpu.testing.ledger import START_MS, key_for, make_genesis
 
 WRITER = r"""
-import random, sys
+import random, sys, threading
 from p2pgpu.core.ledger import Ledger
 from p2pgpu.store import LevelDBStore
 from p2pgpu.testing.ledger import START_MS, key_for, make_genesis
 
-path, seed = sys.argv[1], int(sys.argv[2])
+path, seed, pipelined = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "pipelined"
 rng = random.Random(seed)
 genesis = make_genesis(allocation=10**9)
 ledger = Ledger(LevelDBStore(path), genesis)
 alice, bob = key_for("alice"), key_for("bob")
 now = START_MS
 print("ready", flush=True)
+writing = None  # pipelined: (pending commit, its writer thread, the heads it covers)
+
+def heads():
+    a, b = ledger.head(alice.public_key), ledger.head(bob.public_key)
+    return a[0], b[0] if b else 0
+
 while True:
     group = rng.randint(1, 60)
     for _ in range(group):
@@ -47,18 +57,28 @@ while True:
         sent = ledger.send(alice, bob.public_key, rng.randint(1, 9), now)
         if rng.random() < 0.5:
             ledger.receive(bob, sent.id, now)
-    ledger.commit()
-    # acknowledged only now: alice's and bob's head sequence numbers
-    a, b = ledger.head(alice.public_key), ledger.head(bob.public_key)
-    print(a[0], b[0] if b else 0, flush=True)
+    if not pipelined:
+        ledger.commit()
+        print(*heads(), flush=True)  # acknowledged only now: alice's and bob's head sequence numbers
+        continue
+    # pipelined: this group was made while the last one was being written
+    if writing is not None:
+        pending, thread, covered = writing
+        thread.join()
+        pending.finish()
+        print(*covered, flush=True)  # acknowledged only once its batch is written
+    pending = ledger.begin_commit()
+    thread = threading.Thread(target=pending.write)
+    thread.start()
+    writing = (pending, thread, heads())
 """
 
 TRIALS = 20
 
 
-def run_and_kill(path: str, seed: int, rng: random.Random) -> tuple[int, int]:
+def run_and_kill(path: str, seed: int, rng: random.Random, mode: str) -> tuple[int, int]:
     process = subprocess.Popen(
-        [sys.executable, "-c", WRITER, path, str(seed)],
+        [sys.executable, "-c", WRITER, path, str(seed), mode],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -91,14 +111,17 @@ def run_and_kill(path: str, seed: int, rng: random.Random) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_kill_9_loses_no_acknowledged_entry(tmp_path):
+@pytest.mark.parametrize("mode", ["plain", "pipelined"])
+def test_kill_9_loses_no_acknowledged_entry(tmp_path, mode):
+    """``pipelined``: each group's synced write runs on a thread while the
+    next group is made (``Ledger.begin_commit``)."""
     rng = random.Random(20261122)
     genesis = make_genesis(allocation=10**9)
     alice, bob = key_for("alice"), key_for("bob")
     acknowledged_any = False
     for trial in range(TRIALS):
         path = str(tmp_path / f"ledger{trial}")
-        acked = run_and_kill(path, seed=trial, rng=rng)
+        acked = run_and_kill(path, seed=trial, rng=rng, mode=mode)
         acknowledged_any |= acked[0] > 0
         ledger = Ledger(LevelDBStore(path), genesis)
         try:
