@@ -40,6 +40,11 @@ LABELS = {
     "verify_apply_single_thread_ratio": "verify + apply (one by one) / raw verify",
     "verify_apply_vs_2_thread_verify_ratio": "verify + apply (batched) / 2-thread raw verify",
     "append_sign_ratio": "local append / raw sign",
+    "verify_apply_chunk_median_ratio": "verify + apply (batched) / raw verify, median of per-chunk ratios",
+    "append_sign_chunk_median_ratio": "local append / raw sign, median of per-chunk ratios",
+    "local_append_pipelined_per_s": "local append, group writes pipelined (Ledger.begin_commit), /s",
+    "append_pipelined_sign_ratio": "local append, group writes pipelined / raw sign",
+    "append_pipelined_sign_chunk_median_ratio": "local append, group writes pipelined / raw sign, median of per-chunk ratios",
     # sync
     "seconds": "seconds",
     "entries_per_s": "catch-up rate, entries/s",
