@@ -377,7 +377,9 @@ async def test_an_entry_waiting_for_its_parent_fetches_it_by_id() -> None:
         send = a.ledger.send(key_for("carol"), key_for("dave").public_key, 7, now_ms())  # silently
         a.ledger.commit()
         (receive,) = await a.rep.append(lambda l: l.receive(key_for("dave"), send.id, now_ms()))
-        await wait_until(lambda: b.ledger.has_entry(receive.id) and same_state([a, b]))
+        # acknowledged, not just applied: a fetch applies as it reads and
+        # counts and commits when the fetch ends
+        await wait_until(lambda: any(e.id == receive.id for e in b.applied) and same_state([a, b]))
         assert b.rep.stats()["fetched"] >= 1
         assert b.rep.stats()["sync_sessions"] == 1  # the connection's only
 
