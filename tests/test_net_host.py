@@ -806,3 +806,18 @@ async def test_a_removed_handler_refuses_streams_and_the_host_keeps_serving() ->
         async with await alice.open_stream(bob.peer_id, JOB_PROTOCOL) as stream:
             await stream.send_frame(b"still here")
             assert await stream.receive_frame() == b"echo:still here"
+
+
+def test_a_wildcard_listen_address_is_advertised_as_addresses_others_can_dial():
+    """The default config listens on 0.0.0.0, which nobody can dial: offers
+    and peer exchange must carry the interface addresses and loopback
+    instead (checked on the expansion itself: tests never bind 0.0.0.0)."""
+    from p2pgpu.net.host import _concrete
+
+    v4 = _concrete("/ip4/0.0.0.0/tcp/4001")
+    assert "/ip4/127.0.0.1/tcp/4001" in v4
+    assert all("0.0.0.0" not in a and a.endswith("/tcp/4001") for a in v4)
+    v6 = _concrete("/ip6/::/tcp/4001")
+    assert "/ip6/::1/tcp/4001" in v6 and all("/ip6/::/" not in a for a in v6)
+    assert _concrete("/ip4/127.0.0.1/tcp/5") == ["/ip4/127.0.0.1/tcp/5"]
+    assert _concrete("/ip4/10.1.2.3/tcp/7") == ["/ip4/10.1.2.3/tcp/7"]

@@ -113,6 +113,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.protocol_muxer.exceptions import MultiselectClientError, ProtocolNotSupportedError
 from libp2p.protocol_muxer.multiselect import MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG
 from libp2p.utils import encode_delim, read_delim
+from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub, ValidationCache
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -715,6 +716,21 @@ def _parse_p2p_addr(addr: str) -> Any:
         ) from exc
 
 
+def _concrete(addr: str) -> list[str]:
+    """``addr`` itself, or for a wildcard one, the addresses it listens on."""
+    ma = multiaddr.Multiaddr(addr)
+    names = {p.name for p in ma.protocols()}
+    if "ip4" in names and ma.value_for_protocol("ip4") == "0.0.0.0":
+        loopback = "/ip4/127.0.0.1"
+    elif "ip6" in names and ma.value_for_protocol("ip6") in ("::", "0:0:0:0:0:0:0:0"):
+        loopback = "/ip6/::1"
+    else:
+        return [addr]
+    rest = addr.split("/", 3)[3]  # what follows /ip4/0.0.0.0/ : tcp/PORT...
+    expanded = [str(a) for a in expand_wildcard_address(ma)]
+    return [a for a in expanded if "0.0.0.0" not in a and "/::/" not in a] + [f"{loopback}/{rest}"]
+
+
 def _protocol_refused(exc: BaseException) -> bool:
     """Did multistream-select end in "na" (protocol not supported)?
 
@@ -776,8 +792,20 @@ class P2PHost:
     # -- addresses and peers --------------------------------------------------
 
     def listen_addrs(self) -> list[str]:
-        """Our dialable addresses, each ending in ``/p2p/<our peer id>``."""
-        return [str(a) for a in self._host.get_addrs()]
+        """Our dialable addresses, each ending in ``/p2p/<our peer id>``.
+
+        A wildcard listen address (``0.0.0.0``, ``::``, the default config's)
+        is nobody's address to dial: it becomes this machine's interface
+        addresses (py-libp2p's ``expand_wildcard_address``) and loopback, so
+        what offers and peer exchange hand out can be dialled."""
+        out: list[str] = []
+        for addr in self._host.get_addrs():
+            base = str(addr).partition("/p2p/")[0]
+            for candidate in _concrete(base):
+                full = f"{candidate}/p2p/{self.peer_id}"
+                if full not in out:
+                    out.append(full)
+        return out
 
     def peers(self) -> list[str]:
         """Peer ids with a live connection right now."""
