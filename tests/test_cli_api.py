@@ -14,6 +14,7 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -122,12 +123,18 @@ class Node:
         return result
 
 
-@pytest.fixture
-def node(tmp_path) -> Iterator[Node]:
-    view = FakeNodeView()
+@contextmanager
+def running_node(tmp_path, view) -> Iterator[Node]:
+    """A data dir whose api.addr points at the real API serving ``view``."""
     running = Node(tmp_path, view)
     with ThreadedApi(view, running.token) as server:
         write_api_address(running.data_dir, server.port)
+        yield running
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[Node]:
+    with running_node(tmp_path, FakeNodeView()) as running:
         yield running
 
 

@@ -15,10 +15,10 @@ import httpx
 import pytest
 import trio
 from test_api import ALICE, BOB, CAROL, FakeNodeView, assert_error, auth
-from test_cli_api import Node, ThreadedApi
+from test_cli_api import Node, running_node
 from test_submit_api import serving
 
-from p2pgpu.api import NodeView, write_api_address
+from p2pgpu.api import NodeView
 from p2pgpu.api_client import ApiClient
 from p2pgpu.core.identity import public_key_from_peer_id
 from p2pgpu.core.jobrecords import (
@@ -215,10 +215,7 @@ async def test_the_job_routes_need_the_token(served, method, path):
 
 @pytest.fixture
 def node(tmp_path) -> Iterator[Node]:
-    view = JobsView()
-    running = Node(tmp_path, view)
-    with ThreadedApi(view, running.token) as server:
-        write_api_address(running.data_dir, server.port)
+    with running_node(tmp_path, JobsView()) as running:
         yield running
 
 
@@ -262,9 +259,7 @@ def test_cli_jobs_table(node):
 def test_cli_jobs_when_there_are_none(tmp_path):
     view = JobsView()
     view.records = {}
-    node = Node(tmp_path, view)
-    with ThreadedApi(view, node.token) as server:
-        write_api_address(node.data_dir, server.port)
+    with running_node(tmp_path, view) as node:
         assert node("jobs").stdout == "No jobs yet.\n"
         assert node("jobs", "--role", "provider").stdout == "No provider jobs yet.\n"
         assert node.json("jobs") == {"jobs": []}
@@ -309,12 +304,8 @@ def test_submit_says_when_a_job_waits_in_line(tmp_path):
 
     view = SubmitView()
     view.script = [{"type": "queued", "position": 3, "job_id": WAITING_ID.hex()}, PROVIDER, DONE]
-    node = Node(tmp_path, view)
-    with ThreadedApi(view, node.token) as server:
-        write_api_address(node.data_dir, server.port)
+    with running_node(tmp_path, view) as node:
         result = node("submit", "--model", "m", "hi")
-    assert f"waiting: every provider is busy; this job ({WAITING_ID.hex()}) is number 3 in line" in result.stderr
-    with ThreadedApi(view, node.token) as server:
-        write_api_address(node.data_dir, server.port)
+        assert f"waiting: every provider is busy; this job ({WAITING_ID.hex()}) is number 3 in line" in result.stderr
         lines = node("submit", "--model", "m", "--json", "hi").stdout.splitlines()
     assert json.loads(lines[0]) == {"type": "queued", "position": 3, "job_id": WAITING_ID.hex()}

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 from test_api import BOB, CAROL, HTTP_TIMEOUT, TOKEN, FakeNodeView, assert_error, auth
-from test_cli_api import Node, ThreadedApi
+from test_cli_api import Node, running_node
 
-from p2pgpu.api import MAX_PROMPT_BYTES, NodeView, SubmitRequest, create_app, serve_api, write_api_address
+from p2pgpu.api import MAX_PROMPT_BYTES, NodeView, SubmitRequest, create_app, serve_api
 from p2pgpu.api_client import ApiClient
 from p2pgpu.cli import cli
 from p2pgpu.errors import ExecutionFailed, InsufficientFunds, MalformedInput
@@ -261,10 +261,7 @@ async def test_a_prompt_of_the_largest_size_is_accepted(served):
 
 @pytest.fixture
 def node(tmp_path) -> Iterator[Node]:
-    view = SubmitView()
-    running = Node(tmp_path, view)
-    with ThreadedApi(view, running.token) as server:
-        write_api_address(running.data_dir, server.port)
+    with running_node(tmp_path, SubmitView()) as running:
         yield running
 
 
