@@ -456,7 +456,8 @@ class JobResult:
     unclaimed part is back), "pending" (provider's claim not seen yet, or no
     waiver: release later against the claim or after expiry), "settling"
     (the release runs in the background, see ``run_job``'s ``release_in``),
-    or "none" (nothing left to release).
+    or "none" (nothing left to release). ``code``: the provider's reason
+    code when it rejected or failed the job (``R_BUSY``: it was full).
     """
 
     status: str
@@ -474,6 +475,7 @@ class JobResult:
     ttft_s: float | None
     tokens_per_s: float | None
     chunks: list[str] = field(default_factory=list)
+    code: int | None = None
 
 
 class _ConsumerJob(_Edge):
@@ -625,13 +627,14 @@ async def run_job(
     else:
         release_in.start_soon(_release_in_background, replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
         release = "settling"
+    code = None
     if isinstance(outcome, Completed):
         status, reason, receipt, retryable = "completed", "", outcome.receipt, False
         if streams is not None:
             streams.refill(provider_peer_id)
     else:
         status = "rejected" if outcome.reason.startswith("rejected") else "failed"
-        reason, receipt, retryable = outcome.reason, outcome.receipt, outcome.retryable
+        reason, receipt, retryable, code = outcome.reason, outcome.receipt, outcome.retryable, outcome.code
     ttft = None if job.first_token is None else job.first_token - job.started
     tps = None
     if job.first_token is not None and job.last_token is not None and job.tokens > 1 \
@@ -640,7 +643,7 @@ async def run_job(
     return JobResult(
         status=status, reason=reason, text="".join(job.chunks), tokens=job.tokens, cost=session.paid,
         receipt=receipt, provider=provider_peer_id, job_id=job_id, hold_id=hold.id, hold_amount=amount,
-        release=release, retryable=retryable, ttft_s=ttft, tokens_per_s=tps, chunks=job.chunks,
+        release=release, retryable=retryable, ttft_s=ttft, tokens_per_s=tps, chunks=job.chunks, code=code,
     )
 
 

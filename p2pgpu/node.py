@@ -56,7 +56,7 @@ from p2pgpu.core.jobrecords import (
     CANCELLED, COMPLETED, CONSUMER, FAILED, MAX_REASON_CHARS, PROVIDER, QUEUED, REJECTED, RUNNING,
     Attempt, JobRecord, advance, check_cancellable, cut_text, job_info,
 )
-from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, REASON_NAMES, Prices, ProviderState, prompt_token_bound
+from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, Prices, ProviderState, prompt_token_bound
 from p2pgpu.core.offers import (
     MAX_MODEL_NAME_CHARS, ModelOffer, Offer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name,
 )
@@ -89,7 +89,6 @@ HARDWARE_PROBE_INTERVAL_S = 30.0
 ARRIVALS_KEPT = 64  # recent offers remembered per provider, as [seq, signed_ms, received_ms]
 
 # Jobs: waiting for a slot, cancelling, settling holds.
-BUSY_PREFIX = f"rejected ({REASON_NAMES[R_BUSY]}):"  # how a JobResult says the provider was full
 BUSY_BACKOFF_S = 0.05  # after a busy rejection: jittered, doubling, at most BUSY_BACKOFF_MAX_S
 BUSY_BACKOFF_MAX_S = 2.0
 BUSY_MARK_S = 5.0  # a provider that said busy counts as full until its next offer, at most this long
@@ -658,7 +657,7 @@ class Node:
                     self._end_attempt(job, "completed", result)
                     self._end_job(job, COMPLETED, result=result)
                     return _job_result_event(result)
-                if result.status == "rejected" and result.reason.startswith(BUSY_PREFIX) and not job.cancel.is_set():
+                if result.status == "rejected" and result.code == R_BUSY and not job.cancel.is_set():
                     # Full after all (our count of its slots was behind): not
                     # the provider's failure, and not an attempt: back in line.
                     self._end_attempt(job, "busy", result)

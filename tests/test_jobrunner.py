@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from p2pgpu.core.identity import NodeKey
-from p2pgpu.core.jobs import Prices, job_cost
+from p2pgpu.core.jobs import R_PRICE, Prices, job_cost
 from p2pgpu.core.protocols import JOB_PROTOCOL
 from p2pgpu.core.kv import MemoryStore
 from p2pgpu.core.ledger import Ledger
@@ -191,7 +191,7 @@ async def test_prices_below_the_providers_are_rejected_with_code_price() -> None
         with trio.fail_after(DEADLINE):
             result = await run_job(p.alice.host, p.alice.rep, p.alice.ledger, p.alice.key, p.bob.host.peer_id,
                                    Prices(1, 1), model=MODEL, prompt=PROMPT, max_tokens=10, now_ms=now_ms)
-        assert result.status == "rejected" and "(price)" in result.reason
+        assert result.status == "rejected" and "(price)" in result.reason and result.code == R_PRICE
         assert result.release == "released"
         assert p.alice.balance() == ALLOCATION
 

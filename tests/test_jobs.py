@@ -303,7 +303,7 @@ def test_free_output_needs_no_streaming_voucher():
 def test_reject_comes_with_a_waiver_the_ledger_accepts():
     net = Net(decide="reject").start().run()
     outcome = net.outcome()
-    assert isinstance(outcome, Failed) and outcome.retryable and "busy" in outcome.reason
+    assert isinstance(outcome, Failed) and outcome.retryable and "busy" in outcome.reason and outcome.code == jobs.R_BUSY
     (release,) = [a for a in net.c_actions if isinstance(a, ReleaseHold)]
     assert release.waiver is not None and release.paid == 0
     net.ledger.release(alice, net.hold.id, BASIS_WAIVER, release.waiver, net.now + 1)

@@ -511,11 +511,14 @@ class Completed:
 class Failed:
     """Consumer: the job ended without completing. ``retryable`` says whether
     another provider is worth trying (false only when our user cancelled);
-    ``receipt`` is there when the provider sent one for a cancelled job."""
+    ``receipt`` is there when the provider sent one for a cancelled job;
+    ``code`` is the provider's reason code when it rejected or failed the
+    job (``R_BUSY``: full, try again later), else None."""
     reason: str
     retryable: bool
     receipt: Receipt | None = None
     paid: int = 0
+    code: int | None = None
 
 
 Action = Send | Deliver | Pause | Resume | StopGeneration | Claim | ReleaseHold | RequestReceived | Completed | Failed
@@ -713,7 +716,7 @@ class ConsumerSession(_Machine):
         code, text, raw = frame.args
         waiver = self._check_waiver(raw)
         reason = f"rejected ({REASON_NAMES.get(code, code)}): {text}"
-        return self._end(Failed(reason, retryable=True), waiver)
+        return self._end(Failed(reason, retryable=True, code=code), waiver)
 
     def _on_tokens(self, frame, now_ms):
         seq, text, count, total = frame.args
@@ -779,7 +782,8 @@ class ConsumerSession(_Machine):
     def _on_error(self, frame, now_ms):
         code, text, raw = frame.args
         waiver = self._check_waiver(raw)
-        return self._end(Failed(f"provider failed ({REASON_NAMES.get(code, code)}): {text}", retryable=True, paid=self.paid), waiver)
+        return self._end(Failed(f"provider failed ({REASON_NAMES.get(code, code)}): {text}", retryable=True,
+                                paid=self.paid, code=code), waiver)
 
     def _lost(self, now_ms):
         retryable = self._retry_after_cancel if self.cancel_reason is not None else True
