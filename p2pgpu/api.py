@@ -289,7 +289,7 @@ class JobAttempt(TypedDict):
     started_ms: int
     outcome: str  # "" while it runs; "completed", "busy" (turned away: not a failure), or why it failed
     hold_id: str | None  # hex
-    release: str | None  # the hold: "released", "pending", "settling", "none"; None before it ended
+    release: str | None  # the hold: "released", "pending"; None before it ended
 
 
 class JobInfo(TypedDict):

@@ -454,9 +454,7 @@ class JobResult:
     ``status``: "completed", "rejected" or "failed". ``cost``: the last
     voucher (what the provider may claim). ``release``: "released" (the
     unclaimed part is back), "pending" (provider's claim not seen yet, or no
-    waiver: release later against the claim or after expiry), "settling"
-    (the release runs in the background, see ``run_job``'s ``release_in``),
-    or "none" (nothing left to release). ``code``: the provider's reason
+    waiver: release later against the claim or after expiry). ``code``: the provider's reason
     code when it rejected or failed the job (``R_BUSY``: it was full).
     """
 
@@ -562,7 +560,6 @@ async def run_job(
     config: SessionConfig = SessionConfig(),
     release_wait_s: float = 10.0,
     cancel: trio.Event | None = None,
-    release_in: trio.Nursery | None = None,
     job_id: bytes | None = None,
     streams: JobStreamPool | None = None,
 ) -> JobResult:
@@ -571,17 +568,13 @@ async def run_job(
     Opens the stream first (so an unreachable provider costs no hold), then
     HOLDs ``job_cost(prices, max_prompt_tokens, max_tokens)``. After the end,
     releases the unclaimed part: at once with the provider's waiver, else
-    after its CLAIM shows up on our ledger (waiting ``release_wait_s``).
+    after its CLAIM shows up on our ledger (waiting ``release_wait_s``; 0
+    returns "pending" at once, for a caller that settles holds itself as
+    the node does, woken by its ledger rather than polling).
     Setting ``cancel`` cancels the job: the provider stops and sends a
     receipt for what it sent, and we pay exactly that (status "failed").
     Raises ``P2PGPUError`` only before the hold exists (unreachable provider,
     insufficient funds, bad arguments).
-
-    ``release_in``: run the release as a task of this nursery instead, and
-    return as soon as the stream ends (``release`` is then "settling"). The
-    provider's CLAIM takes a gossip round to reach us, so waiting for it
-    would hold the caller's answer back by that much after the last token,
-    for bookkeeping the caller does not need to see.
 
     ``job_id``: 16 bytes naming the job (default: random); the node passes
     one id for all attempts of a submission, so both sides' job stores
@@ -622,11 +615,7 @@ async def run_job(
 
     outcome = job.outcome
     assert outcome is not None and job.release is not None
-    if release_in is None:
-        release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
-    else:
-        release_in.start_soon(_release_in_background, replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
-        release = "settling"
+    release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
     code = None
     if isinstance(outcome, Completed):
         status, reason, receipt, retryable = "completed", "", outcome.receipt, False
@@ -735,40 +724,25 @@ class JobStreamPool:
                 pass
 
 
-async def _release_in_background(*args: Any) -> None:
-    """``_release`` as a task of someone else's nursery: it must not raise
-    (that would take the nursery's owner, the node, down with it)."""
-    try:
-        outcome = await _release(*args)
-    except Exception:  # noqa: BLE001 - logged; an unreleased hold is retried later
-        log.exception("releasing a hold failed")
-        return
-    log.debug("background release: %s", outcome)
-
-
 async def _release(replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, hint: ReleaseHold,
                    amount: int, wait_s: float, now_ms: NowMs) -> str:
-    """Take the unclaimed part of the hold back; "released", "pending" or "none"."""
+    """Take the unclaimed part of the hold back; "released" or "pending"
+    (``p2pgpu.core.settlement`` covers what "pending" still needs)."""
     hold_id = hint.hold_id
     if hint.waiver is not None:
         basis, ref = BASIS_WAIVER, hint.waiver
     elif hint.paid == 0:
         return "pending"  # no waiver, nothing paid: only expiry (or a provider entry after it) frees it
     else:
-        if hint.paid >= amount:
-            pass  # all claimed: a release still closes the hold, but nothing comes back
-        claim_id = None
+        claims = ledger.claims_of(hold_id)
         with trio.move_on_after(wait_s):
-            while True:
-                claims = ledger.claims_of(hold_id)
-                if claims:
-                    claim_id = next(iter(claims))
-                    break
+            while not claims:
                 await trio.sleep(0.05)
-        if claim_id is None:
-            log.info("hold %s: provider's claim not seen yet; release later", hold_id.hex()[:8])
+                claims = ledger.claims_of(hold_id)
+        if not claims:
+            log.debug("hold %s: the provider's claim is not here yet; release later", hold_id.hex()[:8])
             return "pending"
-        basis, ref = BASIS_CLAIM, claim_id
+        basis, ref = BASIS_CLAIM, min(claims)  # as plan_release picks: any claim is valid, the smallest id is deterministic
     try:
         await replicator.append(lambda lg: lg.release(key, hold_id, basis, ref, now_ms()))
     except P2PGPUError as exc:

@@ -54,7 +54,7 @@ from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_i
 from p2pgpu.core.ledger import BASIS_NAMES, HOLD, RELEASE, SEND, Entry, Ledger, StatementLine
 from p2pgpu.core.jobrecords import (
     CANCELLED, COMPLETED, CONSUMER, FAILED, MAX_REASON_CHARS, PROVIDER, QUEUED, REJECTED, RUNNING,
-    Attempt, JobRecord, advance, check_cancellable, cut_text, job_info,
+    Attempt, JobRecord, advance, check_cancellable, cut_text, job_info, served_outcome,
 )
 from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, Prices, ProviderState, prompt_token_bound
 from p2pgpu.core.offers import (
@@ -99,7 +99,6 @@ OPEN_HOLD_SCAN = 1_000  # own entries read at start for holds never released
 SETTLE_IDLE_S = 60.0
 SETTLE_MIN_INTERVAL_S = 0.1
 SETTLE_RETRY_MS = 30_000
-SETTLING_GRACE_MS = 15_000  # a job runner releasing in the background gets this long first
 
 
 def now_ms() -> int:
@@ -635,7 +634,7 @@ class Node:
                     Prices(offer.price_in, offer.price_out), model=job.model, prompt=prompt, messages=messages,
                     max_tokens=request.max_tokens, now_ms=now_ms, on_tokens=lambda text: self._token(job, text, emit),
                     max_prompt_tokens=job.estimate, cancel=job.cancel, job_id=job.job_id,
-                    release_in=self._nursery, streams=self.job_streams,
+                    release_wait_s=0, streams=self.job_streams,  # _settle_holds releases against the claim
                 )
             except InsufficientFunds as exc:  # our balance, not the provider's fault
                 self._end_attempt(job, f"not started: {exc}")
@@ -826,7 +825,7 @@ class Node:
         last = record.attempts[-1]
         last = replace(last, outcome=outcome[:MAX_REASON_CHARS],
                        hold_id=result.hold_id if result is not None else None,
-                       release=_release_state(result.release) if result is not None else "")
+                       release=result.release if result is not None else "")
         changes: dict[str, Any] = {"attempts": (*record.attempts[:-1], last)}
         if result is not None:
             job.paid += result.cost
@@ -876,17 +875,8 @@ class Node:
         if session.state is not ProviderState.DONE:  # accepted, generating
             self._save(replace(base, **facts))
             return
-        if not served.accepted:
-            status = REJECTED if served.outcome.startswith("rejected") else CANCELLED
-            reason = served.outcome or "the consumer left before the job started"
-        elif session.cancelled:
-            status, reason = CANCELLED, "cancelled"
-        elif served.outcome:
-            status, reason = FAILED, served.outcome
-        elif served.prompt_tokens is None:
-            status, reason = FAILED, "connection lost"
-        else:
-            status, reason = COMPLETED, ""
+        status, reason = served_outcome(accepted=served.accepted, outcome=served.outcome,
+                                        cancelled=session.cancelled, finished=served.prompt_tokens is not None)
         self._save(advance(base, status, now, reason=reason, **facts))
 
     # ------------------------------------------------------------ jobs (API)
@@ -943,8 +933,6 @@ class Node:
         if result.release == "pending":
             self._open_holds[result.hold_id] = replace(hold, not_before_ms=0)
             self._settle_wakeup.set()
-        elif result.release == "settling":  # its runner is still at it, in the background
-            self._open_holds[result.hold_id] = replace(hold, not_before_ms=now_ms() + SETTLING_GRACE_MS)
 
     def _track_holds(self, entries: list[Entry]) -> None:
         me = self.key.public_key
@@ -1077,11 +1065,6 @@ def _prompt_estimate(request: SubmitRequest) -> int:
     will actually be sent (the core's one formula)."""
     messages = _with_system(request)
     return prompt_token_bound(request.prompt if messages is None else None, messages)
-
-
-def _release_state(release: str) -> str:
-    """A ``JobResult.release`` as a job record keeps it."""
-    return release if release in ("released", "pending", "settling", "none") else ""
 
 
 def _job_result_event(result: Any) -> dict[str, Any]:

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 
 from p2pgpu.core.codec import pack
 from p2pgpu.core.jobrecords import (
+    CANCELLED,
     COMPLETED,
     CONSUMER,
+    FAILED,
     FINAL,
     MAX_ATTEMPTS,
     MAX_TEXT_CHARS,
@@ -33,6 +35,7 @@ from p2pgpu.core.jobrecords import (
     job_info,
     match_job,
     parse_job_ref,
+    served_outcome,
 )
 from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_PROVIDER_ENTRY, BASIS_TIMEOUT
 from p2pgpu.core.settlement import OpenHold, ReleaseNow, WaitUntil, plan_release
@@ -269,3 +272,15 @@ def test_a_hold_its_job_still_settles_is_left_alone_until_then():
     busy = replace(HOLD, not_before_ms=T0 + 5_000)
     assert plan(busy, now=T0, claims={b"c" * 32: 5}) == WaitUntil(T0 + 5_000)
     assert plan(busy, now=T0 + 5_000, claims={b"c" * 32: 5}) == ReleaseNow(BASIS_CLAIM, b"c" * 32)
+
+
+def test_how_a_served_job_ended_is_read_from_what_the_provider_knows():
+    assert served_outcome(accepted=False, outcome="rejected: no free slot", cancelled=False, finished=False) == (
+        REJECTED, "rejected: no free slot")
+    assert served_outcome(accepted=False, outcome="", cancelled=False, finished=False) == (
+        CANCELLED, "the consumer left before the job started")
+    assert served_outcome(accepted=True, outcome="", cancelled=True, finished=True) == (CANCELLED, "cancelled")
+    assert served_outcome(accepted=True, outcome="backend failed: boom", cancelled=False, finished=False) == (
+        FAILED, "backend failed: boom")
+    assert served_outcome(accepted=True, outcome="", cancelled=False, finished=False) == (FAILED, "connection lost")
+    assert served_outcome(accepted=True, outcome="", cancelled=False, finished=True) == (COMPLETED, "")

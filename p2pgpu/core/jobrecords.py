@@ -66,9 +66,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 # What became of a job's hold, as the consumer sees it: "" (no hold yet),
 # "released" (the unclaimed rest is back), "pending" (to be released once
-# the provider's claim shows up or the hold expires), "settling" (being
-# released in the background), "none" (nothing left).
-RELEASES = frozenset({"", "released", "pending", "settling", "none"})
+# the provider's claim shows up or the hold expires).
+RELEASES = frozenset({"", "released", "pending"})
 
 JOB_ID_SIZE = 16
 HOLD_ID_SIZE = 32
@@ -230,6 +229,25 @@ def advance(record: JobRecord, status: str, now_ms: int, **changes: Any) -> JobR
     if "attempts" in changes:
         changes["attempts"] = tuple(changes["attempts"])[-MAX_ATTEMPTS:]
     return replace(record, status=status, **changes)
+
+
+def served_outcome(*, accepted: bool, outcome: str, cancelled: bool, finished: bool) -> tuple[str, str]:
+    """How a job we served ended, as (status, reason), from what the
+    provider's side knows at the end: whether it accepted the job, why it
+    ended early if it did (``outcome``: "rejected: ..." or "backend failed:
+    ..."), whether either side cancelled, and whether the backend's final
+    counts came (``finished``; without them the consumer went away)."""
+    if not accepted:
+        if outcome.startswith("rejected"):
+            return REJECTED, outcome
+        return CANCELLED, outcome or "the consumer left before the job started"
+    if cancelled:
+        return CANCELLED, "cancelled"
+    if outcome:
+        return FAILED, outcome
+    if not finished:
+        return FAILED, "connection lost"
+    return COMPLETED, ""
 
 
 def check_cancellable(record: JobRecord) -> None:
