@@ -401,8 +401,6 @@ def bench_job(args) -> dict:
     ``p2pgpu submit`` (API -> ranking -> hold -> libp2p stream -> provider ->
     Ollama client -> vouchers). Then 20 jobs at once over the 3 providers.
     """
-    import concurrent.futures
-
     import ollama
 
     from p2pgpu.testing.devnet import Devnet
