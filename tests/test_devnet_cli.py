@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pgpu.testing.devnet import STATE_FILE, Devnet, ProcessRef
+from p2pgpu.testing.devnet import STATE_FILE, Devnet, NodeProcess, ProcessRef
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVNET = ROOT / "scripts" / "devnet"
@@ -41,7 +42,14 @@ def ok(root: Path, *args: str, timeout: float = 300) -> str:
 
 
 def status(root: Path) -> dict:
-    return json.loads(ok(root, "status", "--json"))
+    """``status --json``: exit 0 when every node is up and answering, 3 when
+    one is not (a node just restarted, or all stopped); the report either way."""
+    result = devnet(root, "status", "--json")
+    assert result.returncode in (0, 3), f"devnet status failed:\n{result.stdout}\n{result.stderr}"
+    report = json.loads(result.stdout)
+    everyone = all(n["up"] and n["status"] for n in report["nodes"])
+    assert result.returncode == (0 if everyone else 3), (result.returncode, report)
+    return report
 
 
 def wait_until(condition, timeout: float, what: str, poll: float = 0.5, root: Path | None = None):
@@ -230,10 +238,56 @@ def test_error_paths_without_a_devnet(tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_every_command_answers_help_with_usage_and_exit_0(tmp_path):
+    """`scripts/devnet CMD --help` used to print "error: 0" and exit 1 (click's
+    help exit is a RuntimeError, which the error handler caught)."""
+    from click.testing import CliRunner
+
+    from p2pgpu.testing.devnet_cli import cli
+
+    assert {"up", "status", "submit", "p2pgpu", "kill", "restart", "partition", "heal", "down", "logs"} <= set(
+        cli.commands)
+    for name in [*sorted(cli.commands), None]:
+        for flag in ("--help", "-h"):
+            args = [name, flag] if name else [flag]
+            result = CliRunner().invoke(cli, args, env={"P2PGPU_DEVNET_DIR": str(tmp_path / "none")})
+            assert result.exit_code == 0, (args, result.output)
+            assert result.output.startswith("Usage: ") and "error" not in result.output, (args, result.output)
+    # and the real script, as a user types it
+    result = devnet(tmp_path / "none", "up", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("Usage: scripts/devnet up") and not result.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_status_exits_3_when_a_node_is_down(tmp_path):
+    """A devnet whose nodes are all stopped (the state file a `down` leaves):
+    the report is printed, the nodes that are down named, and the exit
+    status is 3, with or without --json."""
+    root = tmp_path / "devnet"
+    net = Devnet(root, 2, providers=0)
+    net.make_genesis()
+    net.nodes = [NodeProcess(f"node{i}", root / f"node{i}", root / f"node{i}.log", peer_id=peer)
+                 for i, peer in enumerate(net.peer_ids)]
+    net.save()
+    result = devnet(root, "status")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "0/2 nodes up" in result.stdout and "not running: node0, node1" in result.stderr
+    assert [line.split()[-2] for line in result.stdout.splitlines()[1:3]] == ["down", "down"]
+    result = devnet(root, "status", "--json")
+    assert result.returncode == 3
+    assert [n["up"] for n in json.loads(result.stdout)["nodes"]] == [False, False]
+
+
 @pytest.mark.slow
 def test_error_paths_with_a_devnet(net_dir):
     root = net_dir
-    ok(root, "up", "--nodes", "1", "--providers", "0")
+    started = devnet(root, "up", "--nodes", "1", "--providers", "0")
+    assert started.returncode == 0, started.stdout + started.stderr
+    # progress while it starts, on stderr: each node started, then ready, with the seconds
+    assert re.search(r"^\[ *\d+\.\d s\] node0 started, pid \d+", started.stderr, re.M), started.stderr
+    assert re.search(r"^\[ *\d+\.\d s\] node0 ready", started.stderr, re.M), started.stderr
+    result = devnet(root, "status")
+    assert result.returncode == 0 and "1/1 nodes up, 1 answering" in result.stdout, result.stdout + result.stderr
     result = devnet(root, "kill", "node7")
     assert result.returncode == 1 and "no node or stand-in named 'node7'" in result.stderr
     result = devnet(root, "up", "--nodes", "1", "--providers", "0")

@@ -42,7 +42,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,13 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
     # the command name is in parentheses and may itself hold spaces or ')'
     return text.rsplit(")", 1)[1].split()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process: a zombie (exited, not yet
+    reaped) counts as gone."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def process_start_time(pid: int) -> int | None:
@@ -304,11 +311,17 @@ class NodeProcess(_Managed):
         with entered_netns(self.netns), self.client(timeout) as client:
             yield client
 
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        """Wait until the node answers on its local API; returns its status."""
-        deadline = time.monotonic() + timeout
+    def wait_ready(self, timeout: float = 60.0, progress: Callable[[str], None] | None = None) -> dict:
+        """Wait until the node answers on its local API; returns its status.
+        ``progress`` hears every 10 s that it is still waiting."""
+        started = time.monotonic()
+        deadline = started + timeout
+        told = started
         last_error: Exception | None = None
         while time.monotonic() < deadline:
+            if progress is not None and time.monotonic() - told >= 10.0:
+                told = time.monotonic()
+                progress(f"{self.name}: still waiting for its local API ({told - started:.0f} s)")
             if not self.running:
                 code = self.process.returncode if self.process is not None else "?"
                 raise RuntimeError(f"{self.name} exited with {code}; see {self.log_path}")
@@ -443,12 +456,22 @@ class Devnet:
     def _netns(self, index: int) -> str | None:
         return self.namespaces.name(index) if self.namespaces else None
 
-    def up(self, timeout: float = 120.0) -> None:
+    def up(self, timeout: float = 120.0, progress: Callable[[str], None] | None = None) -> None:
         """Start everything; returns once every node answers on its API.
+
+        ``progress``, when given, hears a line as each process starts and
+        as each node answers, with the seconds since the start (what
+        ``scripts/devnet up`` prints on stderr).
 
         On failure, what was started keeps running (call ``down``); the
         state file lists it either way.
         """
+        began = time.monotonic()
+
+        def tell(what: str) -> None:
+            if progress is not None:
+                progress(f"[{time.monotonic() - began:5.1f} s] {what}")
+
         if self.namespaces is not None:
             if self.ollama_host:
                 raise DevnetError("nodes in network namespaces cannot reach an Ollama outside; use stand-ins")
@@ -469,6 +492,7 @@ class Devnet:
                                              netns=self._netns(index))
                     self.standins.append(standin)
                     host = standin.start()
+                    tell(f"{standin.name} (Ollama stand-in) listening at {host}, pid {standin.pid}")
             node = NodeProcess(f"node{index}", self.root / f"node{index}", self.root / f"node{index}.log",
                                detach=self.detach, provider=host is not None, ollama_host=host,
                                peer_id=self.peer_ids[index], netns=self._netns(index), ip=self._ip(index))
@@ -476,11 +500,14 @@ class Devnet:
             self.nodes.append(node)
             node.start()
             self.save()
+            tell(f"{node.name} started, pid {node.pid}" + (" (the others bootstrap to it)" if index == 0 else ""))
             if index == 0:
-                node.wait_ready(timeout)
+                node.wait_ready(timeout, tell)
+                tell(f"{node.name} ready (answers on its local API)")
                 first_addr = [node.listen_addr] if node.listen_addr else []
         for node in self.nodes[1:]:
-            node.wait_ready(timeout)
+            node.wait_ready(timeout, tell)
+            tell(f"{node.name} ready (answers on its local API)")
         self.save()
 
     # ------------------------------------------------------------- changes

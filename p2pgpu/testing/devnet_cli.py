@@ -11,7 +11,8 @@ else ``./.devnet`` (``scripts/devnet`` sets the repository's ``.devnet/``).
 
 All the process handling lives in ``p2pgpu.testing.devnet`` (the same code
 the tests and benchmarks use); this module only parses arguments and prints.
-Errors a user can act on are ``error: ...`` on stderr and exit status 1.
+Errors a user can act on are ``error: ...`` on stderr and exit status 1;
+``status`` exits with 3 when any node is not running or not answering.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from p2pgpu.testing.devnet import DEFAULT_MODELS, STATE_FILE, Devnet, DevnetErro
 
 ENV_DIR = "P2PGPU_DEVNET_DIR"
 STATUS_TIMEOUT_S = 10.0
+STATUS_NODE_DOWN = 3  # `status`'s exit status when a node is not running or not answering
 
 
 class _Failed(click.ClickException):
@@ -51,6 +53,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise  # RuntimeErrors too, but click's own: `--help` is Exit(0)
         except (DevnetError, P2PGPUError, RuntimeError) as exc:
             raise _Failed(str(exc)) from exc
 
@@ -166,7 +170,7 @@ def up(nodes: int, providers: int, root: Path, tokens_per_second: float, slots: 
                  netns=netns)
     start = time.monotonic()
     try:
-        net.up(timeout=timeout)
+        net.up(timeout=timeout, progress=lambda line: click.echo(line, err=True))
     except BaseException as exc:
         click.echo(f"start-up failed ({exc!r}); stopping what was started ...", err=True)
         net.down()
@@ -276,13 +280,28 @@ def _node_row(report: dict[str, Any]) -> list[str]:
 @cli.command()
 @_dir_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of tables.")
-def status(root: Path, as_json: bool) -> None:
-    """A table per node: peers, offers seen, coins, jobs, memory, up/down."""
+@click.pass_context
+def status(ctx: click.Context, root: Path, as_json: bool) -> None:
+    """A table per node: peers, offers seen, coins, jobs, memory, up/down.
+
+    Exit status: 0 when every node is running and answers on its local API;
+    3 when any node is not running or does not answer (the report is
+    printed in full either way); 1 when there is no devnet to look at.
+    """
     net = Devnet.attach(root)
     report = collect(net)
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        return
+    else:
+        _print_status(report)
+    down = [r["name"] for r in report["nodes"] if not r["up"]]
+    if down:
+        click.echo(f"not running: {', '.join(down)} (`restart NAME` starts one again)", err=True)
+    if down or not all(r["status"] for r in report["nodes"]):
+        ctx.exit(STATUS_NODE_DOWN)
+
+
+def _print_status(report: dict[str, Any]) -> None:
     headers = ["NAME", "PEER", "ROLE", "PEERS", "OFFERS", "BALANCE", "HELD", "JOBS", "RSS", "STATE", "LEDGER"]
     click.echo(_table(headers, [_node_row(r) for r in report["nodes"]]))
     if report["standins"]:
@@ -292,9 +311,9 @@ def status(root: Path, as_json: bool) -> None:
     up_nodes = [r for r in report["nodes"] if r["up"]]
     answering = [r for r in up_nodes if r["status"]]
     summary = f"\n{len(up_nodes)}/{len(report['nodes'])} nodes up, {len(answering)} answering"
-    if answering:
-        summary += "; ledger state " + ("identical on all of them" if report["state_hashes_equal"]
-                                        else f"differs ({len({r['status']['state_hash'] for r in answering})} states)")
+    states = len({r["status"]["state_hash"] for r in answering})
+    if len(answering) > 1:
+        summary += "; ledger state " + ("identical on all of them" if states == 1 else f"differs ({states} states)")
     click.echo(summary)
     if report["partition"]:
         click.echo("PARTITIONED: " + " | ".join(",".join(group) for group in report["partition"])
