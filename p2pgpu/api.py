@@ -94,6 +94,7 @@ client then finds the port closed and says the node is not running.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -123,6 +124,7 @@ from p2pgpu.core.identity import public_key_from_peer_id
 from p2pgpu.core.units import parse_coins
 from p2pgpu.datadir import DataDir
 from p2pgpu.errors import (
+    AddressInUse,
     ConfigError,
     JobStateConflict,
     LedgerRuleViolation,
@@ -290,6 +292,7 @@ class JobAttempt(TypedDict):
     outcome: str  # "" while it runs; "completed", "busy" (turned away: not a failure), or why it failed
     hold_id: str | None  # hex
     release: str | None  # the hold: "released", "pending"; None before it ended
+    paid: int | None  # our last voucher for the hold; once released, what the ledger paid the provider from it
 
 
 class JobInfo(TypedDict):
@@ -311,7 +314,7 @@ class JobInfo(TypedDict):
     age_s: float
     tokens_in: int | None  # prompt tokens, as the provider's Ollama counted them
     tokens_out: int  # tokens received and paid for (consumer) or sent (provider)
-    cost: int  # what the consumer pays: every attempt's last voucher, summed
+    cost: int  # what the consumer pays: the attempts' ``paid``, summed (provider: what it claimed)
     hold_id: str | None  # the (last) hold, hex
     release: str | None  # what became of that hold (see JobAttempt)
     reason: str  # why it failed, was rejected or cancelled; "" otherwise
@@ -575,6 +578,8 @@ def _submit_request(body: dict[str, Any]) -> SubmitRequest:
         prompt = body["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise MalformedInput(f'"prompt" must be a non-empty string, got {_json_type(prompt)}')
+        if not prompt.strip():
+            raise MalformedInput('"prompt" is only whitespace: there is nothing to answer')
         size = len(prompt.encode("utf-8", "surrogatepass"))
     else:
         raw = body["messages"]
@@ -589,6 +594,8 @@ def _submit_request(body: dict[str, Any]) -> SubmitRequest:
                 raise MalformedInput(f'"messages"[{index}]: role {role!r} is not one of {sorted(ROLES)}')
             pairs.append((role, content))
         messages = tuple(pairs)
+        if not any(content.strip() for role, content in messages if role != "assistant"):
+            raise MalformedInput('"messages" has no text to answer: every system and user message is empty')
         size = sum(len(content.encode("utf-8", "surrogatepass")) for _, content in messages)
     system = body.get("system")
     if system is not None and not isinstance(system, str):
@@ -902,6 +909,11 @@ def _bind(port: int) -> int:
         sock.bind((LOOPBACK, port))
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(
+                f"cannot listen on {LOOPBACK}:{port}: the API port is in use "
+                "(is another node running? pick another with --api-port, or 0 for any free port)"
+            ) from exc
         raise ConfigError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror or exc}") from exc
     return sock.detach()
 

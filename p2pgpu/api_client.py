@@ -9,7 +9,9 @@ failure is translated in one place (``ApiClient._errors`` for the transport,
 - no ``api.addr`` in the data dir, or nothing listening at the address it
   names (the node stopped, or crashed and left the file behind):
   ``NodeNotRunning``;
-- 401: ``TokenMismatch``, which says why that happens in practice;
+- 401: ``TokenMismatch``, which says why that happens in practice; also
+  when ``api.token`` is missing while the node answers (a new token from
+  ``p2pgpu init`` would not match the one the node holds: restart it);
 - an error answer ``{"error": ..., "type": ...}``: the ``p2pgpu.errors``
   class of that name when there is one (so ``InsufficientFunds`` stays
   ``InsufficientFunds``), else ``ApiError``, with the server's message;
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Final
@@ -65,6 +69,17 @@ def _not_running(where: str) -> NodeNotRunning:
     return NodeNotRunning(f"the node is not running (no local API at {where}); start it with `p2pgpu node run`")
 
 
+def _answers(url: str) -> bool:
+    """Does anything accept a TCP connection at the API address ``url``
+    (``http://127.0.0.1:PORT``, as ``read_api_address`` returns it)?"""
+    host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _job_path(job_id: str) -> str:
     """A job id as one path segment: anything but hex is refused here, so
     no id can change which route (or which node's route) is asked."""
@@ -94,8 +109,10 @@ class ApiClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
+        data_dir: DataDir | None = None,
     ) -> None:
         self.base_url = base_url
+        self._data_dir = data_dir  # only to name it in errors
         self._timeout = timeout
         self._http = httpx.Client(
             base_url=base_url,
@@ -123,8 +140,16 @@ class ApiClient:
         url = read_api_address(data_dir)
         if url is None:
             raise _not_running(f"{data_dir.path}: no {api_address_path(data_dir).name} file")
+        if not os.path.lexists(data_dir.token_path) and _answers(url):
+            # `p2pgpu init` would make a new token, which the running node
+            # (holding the old one in memory) would refuse: say so first.
+            raise TokenMismatch(
+                f"no API token at {data_dir.token_path}, but a node is running from this data dir ({url}): "
+                "its token was removed after it started. Restart the node (stop it, then `p2pgpu node run`): "
+                "it writes a new token; `p2pgpu init` alone would write one the running node does not know"
+            )
         token = data_dir.load_or_create_token(create=False)
-        return cls(url, token, timeout=timeout)
+        return cls(url, token, timeout=timeout, data_dir=data_dir)
 
     def close(self) -> None:
         self._http.close()
@@ -274,10 +299,12 @@ class ApiClient:
             answer = None
         status = response.status_code
         if status == 401:
+            where = f" in {self._data_dir.path}" if self._data_dir is not None else ""
             raise TokenMismatch(
-                f"the node's local API at {self.base_url} refused this data dir's API token (token mismatch): "
-                "is the node running from another data dir, or was api.token replaced after it started? "
-                "Restart it with `p2pgpu node run`"
+                f"the API token{where} does not match the running node's (token mismatch; "
+                f"its API at {self.base_url} refused it): api.token was replaced after the node started "
+                "(`p2pgpu init` does that when the token is missing), or the node runs from another data dir. "
+                "Restart the node (stop it, then `p2pgpu node run`)"
             )
         if not isinstance(answer, dict):
             raise ApiError(

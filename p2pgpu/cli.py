@@ -2,10 +2,28 @@
 
 Thin by design, like httpx's CLI: each command parses its arguments, calls the
 package, and prints what comes back. Errors are turned into output in exactly
-one place, ``_RootGroup.invoke``: any ``P2PGPUError`` becomes
-``error: <message>`` on stderr and exit status 1, so every command fails the
-same way and none needs its own try/except. Anything else escaping is a bug
-and keeps its traceback.
+one place, ``_RootGroup`` (``_as_failure``): any ``P2PGPUError`` becomes
+``error: <message>`` on one line of stderr, so every command fails the same
+way and none needs its own try/except. With ``--json`` anywhere on the
+command line, any error (click's usage errors too) is instead one JSON
+object on stderr: ``{"error": {"code": "<snake_case kind>", "message": "...",
+"exit_code": N}}``; ``code`` is the error class's name in snake_case
+(``config_error``, ``node_not_running``, ``address_in_use``...), or
+``usage_error`` / ``interrupted``. trio wraps what fails inside a nursery in
+exception groups, several layers deep; a group whose leaves are all
+``P2PGPUError`` is reported as its first leaf. Anything else escaping is a
+bug and keeps its traceback.
+
+Exit statuses:
+
+====  ==========================================================
+0     success
+1     an error the user must fix (the message says what)
+2     usage error: a bad option or a missing argument (click's)
+3     the command needs the running node, and it is not running
+130   interrupted: Ctrl-C (SIGINT). ``node run`` stopped by SIGINT
+      first shuts down cleanly; stopped by SIGTERM it exits 0
+====  ==========================================================
 
 Output is for people by default; ``--json`` prints one JSON object on stdout
 instead. ``--json`` and ``--data-dir`` are accepted both before and after the
@@ -54,7 +72,7 @@ from p2pgpu.core.genesis import Genesis, LedgerParams
 from p2pgpu.core.identity import NodeKey, peer_id_from_public_key, public_key_from_peer_id
 from p2pgpu.core.ledger import Ledger, decode_entry
 from p2pgpu.core.units import format_coins, parse_coins
-from p2pgpu.datadir import ENV_DATA_DIR, DataDir, default_data_dir, read_genesis_file
+from p2pgpu.datadir import ENV_DATA_DIR, DataDir, GenesisInstall, default_data_dir, read_genesis_file
 from p2pgpu.errors import ConfigError, MalformedInput, P2PGPUError
 
 if TYPE_CHECKING:
@@ -74,23 +92,126 @@ DEFAULT_NETWORK_NAME = "p2pgpu-testnet"
 # ------------------------------------------------------------------ plumbing
 
 
-class _Failed(click.ClickException):
-    """A ``P2PGPUError`` on its way out: ``error: <message>``, exit 1."""
+# Exit statuses (README "Errors and exit codes"; the module docstring).
+EXIT_OK = 0
+EXIT_ERROR = 1  # something the user must fix: the message says what
+EXIT_USAGE = 2  # click's: a bad option, a missing argument
+EXIT_NOT_RUNNING = 3  # the command needs the node, and it is not running
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report 128 + 2
 
-    exit_code = 1
+# Set by ``_RootGroup.parse_args`` from the raw command line, so that a usage
+# error found before the --json option was processed is still JSON.
+_META_ARGV_JSON = "p2pgpu.argv_json"
+
+
+class _Failed(click.ClickException):
+    """An error on its way out: ``error: <message>`` on one line of stderr,
+    or with --json one object ``{"error": {"code", "message", "exit_code"}}``.
+
+    ``code`` is a stable snake_case kind (``_error_code``). ``json_output``
+    None means "decide from the command line" (``_RootGroup`` fills it in).
+    """
+
+    def __init__(
+        self, message: str, *, code: str = "error", exit_code: int = EXIT_ERROR, json_output: bool | None = None
+    ) -> None:
+        super().__init__(" ".join(message.splitlines()))  # one line, whatever the message held
+        self.code = code
+        self.exit_code = exit_code
+        self.json_output = json_output
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True, file=file)
+        if self.json_output:
+            error = {"code": self.code, "message": self.message, "exit_code": self.exit_code}
+            click.echo(json.dumps({"error": error}), err=True, file=file)
+        else:
+            click.echo(f"error: {self.message}", err=True, file=file)
+
+
+def _error_code(name: str) -> str:
+    """An error class's name in snake_case: ``NodeNotRunning`` is
+    ``node_not_running``, ``AddressInUse`` ``address_in_use``."""
+    return "".join("_" + ch.lower() if ch.isupper() and i else ch.lower() for i, ch in enumerate(name))
+
+
+def _exit_status(exc: P2PGPUError) -> int:
+    # NodeNotRunning lives in api_client, which pulls in the server stack;
+    # an instance of it can only exist once that module is imported.
+    client = sys.modules.get("p2pgpu.api_client")
+    if client is not None and isinstance(exc, client.NodeNotRunning):
+        return EXIT_NOT_RUNNING
+    return EXIT_ERROR
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _json_wanted(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get(_META_JSON) or ctx.meta.get(_META_ARGV_JSON))
+
+
+def _as_failure(exc: BaseException, json_output: bool) -> click.ClickException | None:
+    """What an exception leaving a command becomes, or None to let it go.
+
+    ``P2PGPUError``: its message, its code. Ctrl-C: exit 130. An exception
+    group (trio's nurseries wrap what fails inside them, several layers
+    deep): what its leaves are, when every leaf is one of ours or a Ctrl-C
+    (the first error is the cause; the others, if any, followed from it).
+    Click's own errors keep their exit status; without --json a usage error
+    keeps click's usage text. Anything else is a bug: None, and it keeps its
+    traceback.
+    """
+    if isinstance(exc, click.exceptions.Exit):
+        return None
+    if isinstance(exc, _Failed):
+        if exc.json_output is None:
+            exc.json_output = json_output
+        return exc
+    if isinstance(exc, (KeyboardInterrupt, click.Abort)):
+        return _Failed("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED, json_output=json_output)
+    if isinstance(exc, P2PGPUError):
+        return _Failed(str(exc), code=_error_code(type(exc).__name__), exit_code=_exit_status(exc), json_output=json_output)
+    if isinstance(exc, click.UsageError):
+        if not json_output:
+            return exc
+        return _Failed(exc.format_message(), code="usage_error", exit_code=exc.exit_code, json_output=True)
+    if isinstance(exc, click.ClickException):
+        return _Failed(exc.format_message(), exit_code=exc.exit_code, json_output=json_output)
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = _leaves(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return _as_failure(KeyboardInterrupt(), json_output)
+        if all(isinstance(leaf, P2PGPUError) for leaf in leaves):
+            return _as_failure(leaves[0], json_output)
+    return None
 
 
 class _RootGroup(click.Group):
-    """The one place that turns ``P2PGPUError`` into an exit status."""
+    """The one place that turns errors into output and an exit status
+    (``_as_failure``): for the command line's parsing and for every command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        words = args[: args.index("--")] if "--" in args else args
+        ctx.meta[_META_ARGV_JSON] = "--json" in words
+        try:
+            return super().parse_args(ctx, args)
+        except (click.ClickException, KeyboardInterrupt) as exc:
+            failure = _as_failure(exc, _json_wanted(ctx))
+            if failure is None or failure is exc:
+                raise
+            raise failure from exc
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except P2PGPUError as exc:
-            raise _Failed(str(exc)) from exc
+        except (Exception, KeyboardInterrupt, BaseExceptionGroup) as exc:
+            failure = _as_failure(exc, _json_wanted(ctx))
+            if failure is None or failure is exc:
+                raise
+            raise failure from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +242,7 @@ def _output_options(*, envvar: bool = False) -> Callable[[F], F]:
             default=False,
             expose_value=False,
             callback=_remember(_META_JSON),
-            help="Print one JSON object instead of text for people.",
+            help="Print JSON instead of text for people: one object (submit: one event per line).",
         )(function)
         function = click.option(
             "--data-dir",
@@ -211,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
 def init(settings: Settings, genesis_file: Path | None) -> None:
     """Create the data dir, node key and API token (safe to re-run).
 
-    Re-running keeps the existing key and says so; nothing is ever replaced.
+    Re-running keeps the existing key and says so; nothing is ever replaced,
+    except an installed genesis that cannot be read (--genesis repairs it,
+    and says so). A valid genesis of another network is refused.
     """
     # Read the genesis first so a bad file changes nothing on disk.
     new_genesis = read_genesis_file(genesis_file) if genesis_file is not None else None
@@ -220,7 +343,7 @@ def init(settings: Settings, genesis_file: Path | None) -> None:
     existed = data_dir.has_key()
     key = data_dir.load_or_create_key(create=True)
     data_dir.load_or_create_token(create=True)
-    installed = data_dir.install_genesis(new_genesis) if new_genesis is not None else False
+    outcome = data_dir.install_genesis(new_genesis) if new_genesis is not None else GenesisInstall.UNCHANGED
     genesis = data_dir.genesis() if data_dir.has_genesis() else None
 
     headline = (
@@ -232,7 +355,10 @@ def init(settings: Settings, genesis_file: Path | None) -> None:
     if genesis is None:
         rows.append(("network", "none yet (install one with `p2pgpu init --genesis FILE`)"))
     else:
-        suffix = " [installed now]" if installed else ""
+        suffix = {
+            GenesisInstall.INSTALLED: " [installed now]",
+            GenesisInstall.REPAIRED: " [installed now, replacing an unreadable genesis file]",
+        }.get(outcome, "")
         rows.append(("network", f"{genesis.network_id.hex()} ({genesis.name}){suffix}"))
     _emit(
         settings,
@@ -243,7 +369,8 @@ def init(settings: Settings, genesis_file: Path | None) -> None:
             "created": not existed,
             "network_id": genesis.network_id.hex() if genesis else None,
             "network_name": genesis.name if genesis else None,
-            "genesis_installed": installed,
+            "genesis_installed": bool(outcome),
+            "genesis_repaired": outcome is GenesisInstall.REPAIRED,
         },
         headline + "\n" + _rows(rows),
     )
@@ -451,35 +578,78 @@ def node() -> None:
     """Run this machine's node daemon."""
 
 
-@node.command("run")
+class _NodeRunCommand(click.Command):
+    """``node run``, whose help shows each setting's default as
+    ``p2pgpu.config.NodeConfig`` defines it (never written out here).
+
+    The defaults are looked up only when help is shown: ``p2pgpu.config``
+    pulls in the Ollama client, half a second at every start of every other
+    command. The option's own default stays None, so an unset flag never
+    masks the config file or a ``P2PGPU_*`` variable.
+    """
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from p2pgpu.config import setting_defaults
+
+        defaults = setting_defaults()
+        saved = [(param, param.help) for param in self.params if isinstance(param, click.Option)]
+        try:
+            for param, text in saved:
+                shown = _shown_default(param, defaults.get(param.name or ""))
+                if shown is not None:
+                    param.help = f"{text} [default: {shown}]"
+            super().format_help(ctx, formatter)
+        finally:
+            for param, text in saved:
+                param.help = text
+
+
+def _shown_default(param: click.Option, value: Any) -> str | None:
+    if value is None or value == ():
+        return None
+    if isinstance(value, bool):  # the flag that gives it: --provide, --no-offer-cpu
+        return param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
+    if param.name in ("price_in", "price_out"):
+        return f"{format_coins(value)} coins"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+@node.command("run", cls=_NodeRunCommand)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="P2PGPU_CONFIG",
-              help="TOML config file (keys in p2pgpu/config.py).")
+              help="TOML config file (keys in p2pgpu/config.py); flags override it.")
 @click.option("--genesis", type=click.Path(dir_okay=False, path_type=Path), help="Join the network this genesis file defines.")
-@click.option("--listen", metavar="MULTIADDR", help="libp2p listen address [default: /ip4/0.0.0.0/tcp/4001].")
+@click.option("--listen", metavar="MULTIADDR", help="libp2p listen address, /ip4|ip6/<address>/tcp/<port>.")
 @click.option("--bootstrap", multiple=True, metavar="MULTIADDR", help="Peer to join through (repeatable), with /p2p/<id>.")
-@click.option("--ollama-host", metavar="URL", help="Local Ollama [default: $OLLAMA_HOST or http://127.0.0.1:11434].")
+@click.option("--ollama-host", metavar="URL", help="Local Ollama ($OLLAMA_HOST when set).")
 @click.option("--provide/--no-provide", default=None, help="Offer this machine's inference (when Ollama answers).")
 @click.option("--price-in", metavar="COINS", help="Price per million input tokens.")
 @click.option("--price-out", metavar="COINS", help="Price per million output tokens.")
 @click.option("--slots", type=int, help="Jobs run at once (what is advertised).")
 @click.option("--offer-cpu/--no-offer-cpu", default=None, help="Offer CPU inference when no GPU is found.")
-@click.option("--api-port", type=int, help="Local API port on 127.0.0.1 (0 picks one).")
+@click.option("--api-port", type=int, help="Local API port on 127.0.0.1 (0 picks a free one).")
 @click.option("--heartbeat", "heartbeat_s", type=float, help="Seconds between offers.")
 @click.option("--offer-ttl", "offer_ttl_s", type=float, help="Seconds an offer stays valid.")
 @click.option("--sync-interval", "sync_interval_s", type=float, help="Seconds between ledger anti-entropy rounds.")
 @click.option("--queue-timeout", "queue_timeout_s", type=float,
-              help="Longest a job waits for a free provider slot, in seconds [default: 300].")
+              help="Longest a job waits for a free provider slot, in seconds.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @_with_settings
 def node_run(settings: Settings, config_file: Path | None, verbose: int, **flags: Any) -> None:
     """Run the node until SIGINT or SIGTERM (then withdraw the offer and exit).
 
     Logs go to stderr. The local API's address is written to api.addr in the
-    data dir, where the other commands find it.
+    data dir, where the other commands find it. Defaults below are the
+    built-in ones; --config and P2PGPU_* variables override them. Exits 0
+    after SIGTERM, 130 after SIGINT (Ctrl-C), both after a clean shutdown.
     """
+    import signal
+
     import trio
 
     from p2pgpu.config import load_config
+    from p2pgpu.net.host import check_addresses
     from p2pgpu.node import run_until_signalled
 
     logging.getLogger().setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
@@ -488,7 +658,10 @@ def node_run(settings: Settings, config_file: Path | None, verbose: int, **flags
             logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "libp2p" else logging.CRITICAL)
     flags["data_dir"] = settings.data_dir.path
     config = load_config(config_file, overrides=flags)
-    trio.run(run_until_signalled, config)
+    # A mistyped address fails here, before the data dir or the ledger is touched.
+    check_addresses([config.listen], config.bootstrap)
+    if trio.run(run_until_signalled, config) == signal.SIGINT:
+        click.get_current_context().exit(EXIT_INTERRUPTED)
 
 
 # -------------------------------------------------------------------- ledger
@@ -665,6 +838,8 @@ def status(settings: Settings) -> None:
         ("peer id", _safe(info.get("peer_id"))),
         ("network", f"{_safe(network.get('id'))} ({_safe(network.get('name'))})"),
         ("role", _safe(info.get("role")) + (", faucet" if info.get("faucet") else "")),
+        # why a node offers nothing (no Ollama, no models, no GPU without --offer-cpu) is said here
+        ("offering", "yes" if info.get("provider") == "offering" else "no: " + _safe(info.get("provider"))),
         ("version", _safe(info.get("version"))),
         ("uptime", _duration(info.get("uptime_s"))),
         ("listening on", ", ".join(map(_safe, addrs)) or "nothing"),
@@ -920,9 +1095,13 @@ def submit(
                     click.echo(text, nl=False)
                     ends_in_newline = text.endswith("\n")
             elif kind == "retry":
-                click.echo(
-                    f"retrying: provider {_safe(event.get('provider'))} failed ({_safe(event.get('reason'))})", err=True
-                )
+                # stdout keeps one answer: the next provider continues it rather than start again
+                failed = f"provider {_safe(event.get('provider'))} failed ({_safe(event.get('reason'))})"
+                if event.get("continues"):
+                    delivered = _count(event.get("tokens_delivered"), "token", "tokens")
+                    click.echo(f"{failed} after {delivered}; the next provider continues the answer", err=True)
+                else:
+                    click.echo(f"{failed}; trying the next provider", err=True)
             elif kind == "queued":
                 click.echo(
                     f"waiting: every provider is busy; this job ({_safe(event.get('job_id'))}) "
@@ -938,9 +1117,9 @@ def submit(
     if final is None:  # the client raises first; kept for a stream it let through
         raise _Failed("the node ended the job without a result")
     if final.get("type") == "error":
-        if not settings.json:
-            click.echo(f"error: {_safe(final.get('error'))}", err=True)
-        click.get_current_context().exit(1)
+        # the stream's last event says it on stdout; stderr says it the way every error is said
+        kind = final.get("kind") if isinstance(final.get("kind"), str) else "ExecutionFailed"
+        raise _Failed(_safe(final.get("error")), code=_error_code(kind), json_output=settings.json)
     if not settings.json:
         click.echo(_summary(final, retries), err=True)
 

@@ -78,6 +78,19 @@ class NodeConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 
 
+def setting_defaults() -> dict[str, Any]:
+    """Each setting's built-in default, from ``NodeConfig`` itself (default
+    factories called now), for ``p2pgpu node run --help``. Settings without
+    a default (``data_dir``) are left out."""
+    defaults: dict[str, Any] = {}
+    for name, field in _FIELDS.items():
+        if field.default is not dataclasses.MISSING:
+            defaults[name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[name] = field.default_factory()
+    return defaults
+
+
 def _convert(name: str, value: Any) -> Any:
     """Turn a TOML/env/flag value into the field's type, with a clear error."""
     try:

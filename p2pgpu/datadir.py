@@ -37,6 +37,7 @@ Secrets are handled the way ssh handles ``~/.ssh/id_*``:
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import secrets
@@ -87,6 +88,17 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "p2pgpu"
     return Path.home() / ".local" / "share" / "p2pgpu"
+
+
+class GenesisInstall(enum.Enum):
+    """What ``DataDir.install_genesis`` did; true unless nothing changed."""
+
+    UNCHANGED = "unchanged"  # the same network was installed already
+    INSTALLED = "installed"  # there was none (or ``force`` replaced another network's)
+    REPAIRED = "repaired"  # the installed file was unreadable or invalid and was replaced
+
+    def __bool__(self) -> bool:
+        return self is not GenesisInstall.UNCHANGED
 
 
 class DataDir:
@@ -201,28 +213,43 @@ class DataDir:
                 "`p2pgpu init --genesis FILE` (make one with `p2pgpu genesis new`)"
             ) from None
         except OSError as exc:
-            raise ConfigError(f"cannot read genesis {path}: {exc.strerror or exc}") from exc
-        return load_genesis_bytes(raw, path)
+            raise ConfigError(
+                f"cannot read genesis {path}: {exc.strerror or exc} "
+                "(replace it with `p2pgpu init --genesis FILE`, FILE your network's genesis)"
+            ) from exc
+        try:
+            return load_genesis_bytes(raw, path)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (replace it with `p2pgpu init --genesis FILE`, FILE your network's genesis)"
+            ) from exc
 
-    def install_genesis(self, genesis: Genesis, *, force: bool = False) -> bool:
-        """Install ``genesis`` as this node's network; True if the file changed.
+    def install_genesis(self, genesis: Genesis, *, force: bool = False) -> GenesisInstall:
+        """Install ``genesis`` as this node's network; says what it did
+        (true if the file changed).
 
         Installing the same network again is a no-op. A *different* genesis is
         refused unless ``force``: the ledger in this data dir was built for the
         installed network and would refuse to open under another one (its
         entries are signed for the old network id). ``force`` only replaces
         the file; the operator must also move the old ``ledger/`` away.
+
+        An installed file that cannot be read or parsed (a crash, a bad edit)
+        names no network, so nothing can be switched by mistake: it is
+        replaced atomically (``REPAIRED``, for the caller to report). The
+        ledger still checks its own network id when it opens, so a genesis
+        of the wrong network is refused there.
         """
         self.ensure()
+        damaged = False
         if self.has_genesis():
             try:
                 current = self.genesis()
             except ConfigError:
-                if not force:
-                    raise
+                damaged = True
             else:
                 if current.network_id == genesis.network_id:
-                    return False
+                    return GenesisInstall.UNCHANGED
                 if not force:
                     raise ConfigError(
                         f"{self.path} already belongs to network {current.network_id.hex()} "
@@ -230,14 +257,14 @@ class DataDir:
                         "its ledger was built for that network. Use another --data-dir for the new network."
                     )
         data = genesis.to_json().encode("utf-8")
-        if force:
+        if force or damaged:
             _replace_atomically(self.genesis_path, data, GENESIS_MODE)
         elif not _create_exclusive(self.genesis_path, data, GENESIS_MODE):
             # Someone installed one concurrently; only accept it if it is the same.
             if self.genesis().network_id != genesis.network_id:
                 raise ConfigError(f"another genesis was installed in {self.path} at the same time")
-            return False
-        return True
+            return GenesisInstall.UNCHANGED
+        return GenesisInstall.REPAIRED if damaged else GenesisInstall.INSTALLED
 
     # --------------------------------------------------------------- ledger
 

@@ -14,6 +14,8 @@ they can handle:
 - ``PeerMisbehaved``: a remote peer broke a protocol.
 - ``ExecutionFailed``: the inference backend failed (``QueueTimeout``: no
   provider had a free slot in time).
+- ``ConfigError``: configuration (files, flags, environment) the user must
+  fix; ``AddressInUse``: a port this node was told to listen on is taken.
 - ``UnknownJob``, ``JobStateConflict``: a job id this node does not know, or
   a request its job's state refuses (cancelling a finished job);
   ``AmbiguousJobId`` (a ``MalformedInput``): an id prefix naming several jobs.
@@ -79,6 +81,11 @@ class ExecutionFailed(P2PGPUError):
 
 class ConfigError(P2PGPUError):
     """Configuration (files, flags, environment) is invalid."""
+
+
+class AddressInUse(ConfigError):
+    """A port this node was told to listen on is taken (EADDRINUSE); the
+    message names the port and the setting that picks another."""
 
 
 class UnknownJob(P2PGPUError):

@@ -12,7 +12,10 @@ Shape of one job on either side (one trio nursery per stream):
   through one unbounded memory channel, so frames leave in exactly the order
   the session produced them, whichever task called the session;
 - a *timer* task sleeps until ``next_deadline()`` (woken when it changes);
-- provider only: the *generator* task, started on accept.
+- provider only: the *generator* task, started on accept, and the *keeper*
+  task, which makes the newest voucher durable (``keep_voucher``) while
+  tokens flow, one write at a time, skipping to the newest voucher that
+  came meanwhile, and tells the session when it is (``voucher_kept``).
 
 Session calls are synchronous and actions are carried out at once
 (``_apply``); only ledger appends (claim/release) await. Every error on one
@@ -26,8 +29,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -47,6 +50,7 @@ from p2pgpu.core.jobs import (
     Deliver,
     Failed,
     JobRequest,
+    KeepVoucher,
     Pause,
     Prices,
     ProviderSession,
@@ -211,6 +215,9 @@ class _ProviderJob(_Edge):
         self.accepted = False  # and this stays True once accepted, slot or not
         self.outcome = ""  # why it ended early (rejected, backend failed), for ``on_job``
         self.prompt_tokens: int | None = None  # Ollama's prompt_eval_count, once known
+        self._to_keep: KeepVoucher | None = None  # the newest voucher not yet handed to keep_voucher
+        self._keeper_idle = trio.Event()  # set while no voucher is being written
+        self._keeper_idle.set()
 
     def _is_done(self) -> bool:
         return self.session.state is ProviderState.DONE
@@ -227,8 +234,35 @@ class _ProviderJob(_Edge):
         elif isinstance(action, StopGeneration):
             log.info("job %s: stopping generation: %s", self.session.job_id.hex()[:8], action.reason)
             self.stop_scope.cancel()
+        elif isinstance(action, KeepVoucher):
+            self._to_keep = action
+            if self._keeper_idle.is_set():
+                self._keeper_idle = trio.Event()
+                self.nursery.start_soon(self._keeper)
         elif isinstance(action, Claim):
-            self.nursery.start_soon(self.service._claim, action)
+            self.nursery.start_soon(self._claim, action)
+
+    async def _keeper(self) -> None:
+        """Write vouchers to disk one at a time, always the newest one
+        (``ProviderSession`` counts its window from the last one written)."""
+        keep = self.service.keep_voucher
+        assert keep is not None and self.session.request is not None
+        try:
+            while self._to_keep is not None:
+                action, self._to_keep = self._to_keep, None
+                try:
+                    await keep(self.session.request, action.voucher)
+                except Exception:  # noqa: BLE001 - the session stays paused at the window; its timers end it
+                    log.exception("job %s: could not keep a voucher", self.session.job_id.hex()[:8])
+                    return
+                self._apply(self.session.voucher_kept(self.now_ms(), action.amount))
+        finally:
+            self._keeper_idle.set()
+
+    async def _claim(self, claim: Claim) -> None:
+        if await self.service._claim(claim) and self.service.forget_voucher is not None:
+            await self._keeper_idle.wait()  # a voucher being written now must not outlive the forgetting
+            self.service.forget_voucher(self.session.job_id)
 
     async def _admit(self, request: JobRequest, context: tuple[bytes, ...] = ()) -> None:
         code, text = await self.service._admission(request, self.stream.remote_peer_id, context)
@@ -327,6 +361,11 @@ class ProviderService:
     ``on_job``: called with the job (a ``_ProviderJob``: its ``session``,
     ``outcome``, ``prompt_tokens``) when it is accepted and when it ends,
     for the node's job store. ``cancel(job_id)`` stops a running job.
+    ``keep_voucher(request, voucher)``: make a job's newest voucher durable
+    (returns once it is); given, the sessions count their credit window
+    from the vouchers kept (``SessionConfig.durable_vouchers``), so a crash
+    costs at most a window's pay. ``forget_voucher(job_id)``: its hold is
+    claimed, the kept voucher may go.
     """
 
     def __init__(self, host: P2PHost, replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, backend: Any,
@@ -334,9 +373,13 @@ class ProviderService:
                  config: SessionConfig = SessionConfig(),
                  on_backend_failure: Callable[[ExecutionFailed], None] | None = None,
                  on_slots_changed: Callable[[], None] | None = None,
-                 on_job: Callable[[Any], None] | None = None) -> None:
+                 on_job: Callable[[Any], None] | None = None,
+                 keep_voucher: Callable[[JobRequest, Any], Awaitable[None]] | None = None,
+                 forget_voucher: Callable[[bytes], None] | None = None) -> None:
         self.host, self.replicator, self.ledger, self.key = host, replicator, ledger, key
         self.on_job = on_job
+        self.keep_voucher = keep_voucher
+        self.forget_voucher = forget_voucher
         self.live: dict[bytes, _ProviderJob] = {}  # accepted jobs not yet over, by job id
         self.on_backend_failure = on_backend_failure
         self.on_slots_changed = on_slots_changed
@@ -345,7 +388,7 @@ class ProviderService:
         self.slots = slots
         self.now_ms = now_ms
         self.models = None if models is None else {normalize_model_name(m) for m in models}
-        self.config = config
+        self.config = replace(config, durable_vouchers=keep_voucher is not None)
         self.network_id = ledger.network_id
         self.active = 0
         self.claims: list[bytes] = []  # ids of CLAIM entries made
@@ -433,15 +476,16 @@ class ProviderService:
             return ApplyResult("applied", request.hold_id)
         return waiting
 
-    async def _claim(self, claim: Claim) -> None:
+    async def _claim(self, claim: Claim) -> bool:
         try:
             entries = await self.replicator.append(
                 lambda ledger: ledger.claim(self.key, claim.hold_id, claim.voucher, self.now_ms()))
         except P2PGPUError as exc:
             log.warning("claim of hold %s for %d failed: %s", claim.hold_id.hex()[:8], claim.amount, exc)
-            return
+            return False
         self.claims.extend(e.id for e in entries)
         log.info("claimed %d from hold %s", claim.amount, claim.hold_id.hex()[:8])
+        return True
 
 
 # ====================================================================== consumer
@@ -452,7 +496,9 @@ class JobResult:
     """How one job ended, from the consumer's side.
 
     ``status``: "completed", "rejected" or "failed". ``cost``: the last
-    voucher (what the provider may claim). ``release``: "released" (the
+    voucher (what the provider may claim); once the hold is released, what
+    the ledger paid the provider from it (less, if it crashed before it
+    kept our last voucher). ``release``: "released" (the
     unclaimed part is back), "pending" (provider's claim not seen yet, or no
     waiver: release later against the claim or after expiry). ``code``: the provider's reason
     code when it rejected or failed the job (``R_BUSY``: it was full).
@@ -478,7 +524,7 @@ class JobResult:
 
 class _ConsumerJob(_Edge):
     def __init__(self, session: ConsumerSession, stream: FrameStream, now_ms: NowMs,
-                 on_tokens: Callable[[str], None] | None) -> None:
+                 on_tokens: Callable[[str, int], None] | None) -> None:
         super().__init__(stream, now_ms)
         self.session = session
         self.on_tokens = on_tokens
@@ -504,7 +550,7 @@ class _ConsumerJob(_Edge):
             self.tokens += action.count
             if self.on_tokens is not None:
                 try:
-                    self.on_tokens(action.text)
+                    self.on_tokens(action.text, action.count)
                 except Exception:  # the user's callback must not break the job
                     log.exception("on_tokens callback failed")
         elif isinstance(action, ReleaseHold):
@@ -553,7 +599,7 @@ async def run_job(
     messages: Iterable[tuple[str, str]] | None = None,
     max_tokens: int,
     now_ms: NowMs = wall_ms,
-    on_tokens: Callable[[str], None] | None = None,
+    on_tokens: Callable[[str, int], None] | None = None,
     max_prompt_tokens: int | None = None,
     credit_window: int = DEFAULT_CREDIT_WINDOW,
     hold_ms: int = DEFAULT_HOLD_MS,
@@ -616,6 +662,10 @@ async def run_job(
     outcome = job.outcome
     assert outcome is not None and job.release is not None
     release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
+    cost = session.paid
+    settled = ledger.hold_status(hold.id) if release == "released" else None
+    if settled is not None:
+        cost = settled[0]
     code = None
     if isinstance(outcome, Completed):
         status, reason, receipt, retryable = "completed", "", outcome.receipt, False
@@ -630,7 +680,7 @@ async def run_job(
             and job.last_token > job.first_token:
         tps = (job.tokens - 1) / (job.last_token - job.first_token)
     return JobResult(
-        status=status, reason=reason, text="".join(job.chunks), tokens=job.tokens, cost=session.paid,
+        status=status, reason=reason, text="".join(job.chunks), tokens=job.tokens, cost=cost,
         receipt=receipt, provider=provider_peer_id, job_id=job_id, hold_id=hold.id, hold_amount=amount,
         release=release, retryable=retryable, ttft_s=ttft, tokens_per_s=tps, chunks=job.chunks, code=code,
     )

@@ -9,6 +9,7 @@ Layout (one-byte prefixes)::
 
     r + job id  ->  JobRecord.to_wire()      (small: listed at start-up)
     t + job id  ->  the answer text          (up to 64 Ki characters; read on demand)
+    v + job id  ->  KeptVoucher.to_wire()    (provider: the newest voucher kept, until claimed)
 
 Bounded: at most ``max_jobs`` records (newest kept). When a new record
 passes the bound, the oldest finished ones go, record and text together in
@@ -16,7 +17,13 @@ one write batch; jobs still queued or running are never dropped.
 
 Writes are not synced: losing the last few job records in a power cut is
 acceptable (the ledger, which holds the money, syncs its own writes), and
-syncing every status change would cost far more than it protects.
+syncing every status change would cost far more than it protects. The one
+exception is a served job's newest voucher (``keep_voucher``): it *is*
+money, the pay for everything it covers, so it is written synced (about
+0.2 ms; from a worker thread, so the event loop never waits for the disk)
+before the provider serves more than a credit window past it
+(``p2pgpu.core.jobs``, ``durable_vouchers``). After a crash the node claims
+what these cover (docs/protocol.md §7).
 
 A stored value that does not decode (a damaged disk, a newer version) is
 logged and deleted at start-up, never fatal. Records of jobs that were
@@ -27,13 +34,16 @@ sessions died with the process.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import plyvel
 from sortedcontainers import SortedList
 
-from p2pgpu.core.jobrecords import FAILED, JobRecord, advance, decode_text, encode_text, match_job, parse_job_ref
+from p2pgpu.core.jobrecords import (
+    FAILED, INTERRUPTED, JobRecord, advance, decode_text, encode_text, match_job, parse_job_ref,
+)
 from p2pgpu.errors import ConfigError, MalformedInput, UnknownJob
 
 __all__ = ["JOBS_DIR", "DEFAULT_MAX_JOBS", "JobStore"]
@@ -44,7 +54,7 @@ JOBS_DIR = "jobs"
 DEFAULT_MAX_JOBS = 10_000
 P_RECORD = b"r"
 P_TEXT = b"t"
-INTERRUPTED = "interrupted: the node stopped while the job ran"
+P_VOUCHER = b"v"
 
 
 def _reason(exc: Exception) -> str:
@@ -76,6 +86,7 @@ class JobStore:
             raise ConfigError(f"the job store at {self.path} is corrupt: {_reason(exc)}") from exc
         self._records: dict[bytes, JobRecord] = {}
         self._order: SortedList = SortedList()  # (created_ms, job id)
+        self._closing = threading.Lock()  # keep_voucher runs on worker threads: never while closing
         try:
             self._load(now_ms)
         except BaseException:
@@ -146,6 +157,26 @@ class JobStore:
         self._remember(record)
         self._prune()
 
+    # ------------------------------------------------------------ vouchers (provider)
+
+    def keep_voucher(self, job_id: bytes, kept: bytes) -> None:
+        """Store a served job's newest voucher (``KeptVoucher.to_wire()``),
+        synced: durable when this returns. Safe to call from a worker thread
+        (it touches only LevelDB, which is thread-safe, and never a closed one)."""
+        with self._closing:
+            if self._db.closed:
+                raise ConfigError("the job store is closed")
+            self._db.put(P_VOUCHER + job_id, kept, sync=True)
+
+    def kept_vouchers(self) -> list[tuple[bytes, bytes]]:
+        """(job id, stored kept voucher) for every voucher not yet forgotten."""
+        with self._db.iterator(prefix=P_VOUCHER) as iterator:
+            return [(key[1:], value) for key, value in iterator]
+
+    def forget_voucher(self, job_id: bytes) -> None:
+        """Its hold is claimed (or its pay lost): the voucher is no longer needed."""
+        self._db.delete(P_VOUCHER + job_id)
+
     # ------------------------------------------------------------ reading
 
     def __len__(self) -> int:
@@ -191,8 +222,9 @@ class JobStore:
             return None
 
     def close(self) -> None:
-        if not self._db.closed:
-            self._db.close()
+        with self._closing:
+            if not self._db.closed:
+                self._db.close()
 
     def __enter__(self) -> JobStore:
         return self

@@ -54,18 +54,21 @@ from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_i
 from p2pgpu.core.ledger import BASIS_NAMES, HOLD, RELEASE, SEND, Entry, Ledger, StatementLine
 from p2pgpu.core.jobrecords import (
     CANCELLED, COMPLETED, CONSUMER, FAILED, MAX_REASON_CHARS, PROVIDER, QUEUED, REJECTED, RUNNING,
-    Attempt, JobRecord, advance, check_cancellable, cut_text, job_info, served_outcome,
+    Attempt, JobRecord, KeptVoucher, advance, check_cancellable, cut_text, job_info, served_outcome, served_pay,
+    settle_attempt,
 )
-from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, Prices, ProviderState, prompt_token_bound
+from p2pgpu.core.continuation import ContinuationKind, Work, plan_continuation
+from p2pgpu.core.codec import Signed
+from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, JobRequest, Prices, ProviderState
 from p2pgpu.core.offers import (
     MAX_MODEL_NAME_CHARS, ModelOffer, Offer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name,
 )
 from p2pgpu.core.ranking import ProviderHistory, RankedOffer, explain_no_match, rank
-from p2pgpu.core.settlement import OpenHold, WaitUntil, plan_release
+from p2pgpu.core.settlement import Claimed, ClaimNow, OpenHold, PayLost, WaitUntil, plan_claim, plan_release
 from p2pgpu.core.waitlist import assign, free_slots
 from p2pgpu.core.units import format_coins
 from p2pgpu.core.protocols import offers_topic
-from p2pgpu.datadir import DataDir, read_genesis_file
+from p2pgpu.datadir import DataDir, GenesisInstall, read_genesis_file
 from p2pgpu.errors import (
     ConfigError, ExecutionFailed, InsufficientFunds, JobStateConflict, LedgerRuleViolation, P2PGPUError, QueueTimeout,
 )
@@ -114,13 +117,20 @@ class _Ticket:
     request: SubmitRequest
     model: str
     seq: int  # submission order: the waitlist's FIFO key
+    work: Work  # what is left of the request: the next attempt sends this (core.continuation)
     cancel: trio.Event = field(default_factory=trio.Event)  # set: stop the job (run_job's cancel)
     wake: trio.Event = field(default_factory=trio.Event)  # set: a slot was assigned, or the job stopped
     excluded: set[bytes] = field(default_factory=set)  # providers that failed it
     assigned: RankedOffer | None = None
-    chunks: list[str] = field(default_factory=list)  # the current attempt's text
+    chunks: list[str] = field(default_factory=list)  # the answer so far, over all attempts
+    delivered: int = 0  # tokens of it from attempts that ended
+    streaming: int = 0  # tokens of it from the attempt running now (live progress for `jobs`)
     paid: int = 0  # over all attempts
-    estimate: int = 0  # the hold's bound on prompt tokens (prompt_token_bound)
+
+    @property
+    def estimate(self) -> int:
+        """The hold's bound on prompt tokens for the next attempt."""
+        return self.work.prompt_tokens_bound
 
     def stop(self) -> None:
         self.cancel.set()
@@ -137,7 +147,9 @@ class Node:
         self.key = self.data_dir.load_or_create_key(create=True)
         self.token = self.data_dir.load_or_create_token(create=True)
         if config.genesis is not None:
-            self.data_dir.install_genesis(read_genesis_file(config.genesis))
+            if self.data_dir.install_genesis(read_genesis_file(config.genesis)) is GenesisInstall.REPAIRED:
+                log.warning("the installed genesis in %s was unreadable; replaced it with %s",
+                            self.data_dir.path, config.genesis)
         if not self.data_dir.has_genesis():
             raise ConfigError(
                 f"no network configured in {self.data_dir.path}: pass --genesis FILE "
@@ -155,7 +167,8 @@ class Node:
         self.api_port: int | None = None
         self.started_at = time.monotonic()
         self.advertising = False
-        self.provider_note = "not providing"
+        self.provider_note = (
+            "starting" if config.provide else "not providing (started with --no-provide, or provide = false)")
         self._offer_seq = 0
         self._arrivals: dict[bytes, collections.deque[tuple[int, int, int]]] = {}
         self._stopping = trio.Event()
@@ -180,6 +193,8 @@ class Node:
         self._open_holds: dict[bytes, OpenHold] = {}
         self._hold_jobs: dict[bytes, bytes] = {}  # hold id -> the job it was for
         self._settle_wakeup = trio.Event()
+        self._kept: dict[bytes, KeptVoucher] = {}  # provider: vouchers of jobs a crash cut short, to claim
+        self._kept_wakeup = trio.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -189,6 +204,7 @@ class Node:
         try:
             self.job_store = JobStore(self.data_dir.path / JOBS_DIR, now_ms=now_ms())
             self._find_open_holds()
+            self._find_kept_vouchers()
             async with open_host(
                 self.key,
                 [config.listen],
@@ -213,6 +229,7 @@ class Node:
                     await nursery.start(self._follow_offers)
                     nursery.start_soon(self._take_in_coins)
                     nursery.start_soon(self._settle_holds)
+                    nursery.start_soon(self._claim_kept_vouchers)
                     provider_scope = trio.CancelScope()
                     if config.provide:
                         self.provider_service = ProviderService(
@@ -221,6 +238,7 @@ class Node:
                             on_backend_failure=lambda exc: self._backend_suspect(),
                             on_slots_changed=lambda: self._beat_now.set(),
                             on_job=self._on_provider_job,
+                            keep_voucher=self._keep_voucher, forget_voucher=self.job_store.forget_voucher,
                         )
                         self.provider_service.start()
                         nursery.start_soon(self._provide, provider_scope)
@@ -312,7 +330,8 @@ class Node:
                     # admission checks this heartbeat's list instead of asking Ollama per request
                     self.provider_service.models = {normalize_model_name(m.name) for m in models}
                 if not self.hardware.gpus and not self.config.offer_cpu:
-                    raise ExecutionFailed("no GPU found (set offer_cpu = true to offer CPU inference)")
+                    raise ExecutionFailed("no GPU found; to offer CPU inference, restart the node with --offer-cpu "
+                                          "(or offer_cpu = true in its config file)")
                 now = now_ms()
                 self._offer_seq = next_seq(self._offer_seq, now)  # clock-based: grows across restarts too
                 wire = make_offer(
@@ -337,7 +356,8 @@ class Node:
                 await self.host.publish(topic, wire)
                 self._record_own(wire)
                 if not self.advertising:
-                    log.info("offering %s at %d/%d per Mtok", [m.name for m in models], self.config.price_in, self.config.price_out)
+                    log.info("offering %s at %s/%s coins per million tokens in/out", [m.name for m in models],
+                             format_coins(self.config.price_in), format_coins(self.config.price_out))
                 self.advertising, self.provider_note = True, "offering"
             except P2PGPUError as exc:  # Ollama down, no GPU, or a model name peers would refuse
                 models = None
@@ -411,6 +431,8 @@ class Node:
         if any(e.kind == SEND and e.body.to == me for e in entries):  # type: ignore[union-attr]
             self._incoming.set()
         self._track_holds(entries)
+        if self._kept:
+            self._kept_wakeup.set()  # a hold a kept voucher waits for may have come
 
     async def _take_in_coins(self) -> None:
         """RECEIVE every send addressed to this node, so it becomes spendable."""
@@ -525,7 +547,8 @@ class Node:
         model = normalize_model_name(request.model)
         now = now_ms()
         offers = self._others_offers(now)
-        estimate = _prompt_estimate(request)
+        work = _work(request)
+        estimate = work.prompt_tokens_bound
         # Busy providers count: the job waits for a slot instead of failing.
         ranked = rank(offers, model, max_tokens=request.max_tokens, prompt_tokens_estimate=estimate,
                       history=self.history, now_ms=now, max_price=request.max_price, include_busy=True)
@@ -539,7 +562,7 @@ class Node:
                 f"this job may cost up to {format_coins(cheapest)} coins (held until it ends); "
                 f"you can spend {format_coins(spendable)}"
             )
-        job = _Ticket(secrets.token_bytes(JOB_ID_SIZE), request, model, next(self._ticket_seq), estimate=estimate)
+        job = _Ticket(secrets.token_bytes(JOB_ID_SIZE), request, model, next(self._ticket_seq), work)
         self._save(JobRecord(job.job_id, CONSUMER, QUEUED, model[:MAX_MODEL_NAME_CHARS], self.key.public_key,
                              None, now))
         self._live_jobs[job.job_id] = job
@@ -580,11 +603,11 @@ class Node:
 
     async def _attempts(self, job: _Ticket, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Wait for a provider slot, run the job there, fail over or wait
-        again as needed; returns the final event (done or error)."""
+        again as needed; returns the final event (done or error). A failover
+        after tokens were delivered asks the next provider to continue the
+        answer (``core.continuation``), so the answer streamed is one answer."""
         assert self.host is not None and self.replicator is not None and self.ledger is not None
         request = job.request
-        messages = _with_system(request)
-        prompt = request.prompt if messages is None else None
         last_reason = "no provider was tried"
         last_status = FAILED
         attempt = 0
@@ -631,8 +654,9 @@ class Node:
                 await self._reach(offer)
                 result = await run_job(
                     self.host, self.replicator, self.ledger, self.key, offer.peer_id,
-                    Prices(offer.price_in, offer.price_out), model=job.model, prompt=prompt, messages=messages,
-                    max_tokens=request.max_tokens, now_ms=now_ms, on_tokens=lambda text: self._token(job, text, emit),
+                    Prices(offer.price_in, offer.price_out), model=job.model, prompt=job.work.prompt,
+                    messages=job.work.messages, max_tokens=job.work.max_tokens, now_ms=now_ms,
+                    on_tokens=lambda text, count: self._token(job, text, count, emit),
                     max_prompt_tokens=job.estimate, cancel=job.cancel, job_id=job.job_id,
                     release_wait_s=0, streams=self.job_streams,  # _settle_holds releases against the claim
                 )
@@ -655,7 +679,7 @@ class Node:
                     )
                     self._end_attempt(job, "completed", result)
                     self._end_job(job, COMPLETED, result=result)
-                    return _job_result_event(result)
+                    return _done_event(job, offer.peer_id, attempt, result)
                 if result.status == "rejected" and result.code == R_BUSY and not job.cancel.is_set():
                     # Full after all (our count of its slots was behind): not
                     # the provider's failure, and not an attempt: back in line.
@@ -679,9 +703,24 @@ class Node:
             if job.cancel.is_set():
                 return self._cancelled(job)
             job.excluded.add(offer.provider)
-            if not request.retry or not self._candidates(job, now_ms()):
+            plan = plan_continuation(_work(request), "".join(job.chunks), job.delivered, job.paid)
+            if plan.kind is ContinuationKind.WHOLE:  # it died after the last token, before its receipt
+                self._end_job(job, COMPLETED, reason=f"every token was delivered before {last_reason}")
+                return _done_event(job, offer.peer_id, attempt)
+            if not request.retry:
                 return self._failed(job, last_status, f"the job did not complete ({last_reason})")
-            emit({"type": "retry", "provider": offer.peer_id, "reason": last_reason})
+            if plan.kind is ContinuationKind.TOO_LONG:
+                return self._failed(job, last_status, (
+                    f"the job did not complete ({last_reason}); its answer so far is too long "
+                    "to be continued on another provider"))
+            if plan.kind is ContinuationKind.NO_BUDGET:
+                return self._failed(job, last_status, (
+                    f"the job did not complete ({last_reason}); --max-price is spent on what was delivered"))
+            job.work = plan.work
+            if not self._candidates(job, now_ms()):
+                return self._failed(job, last_status, f"the job did not complete ({last_reason})")
+            emit({"type": "retry", "provider": offer.peer_id, "reason": last_reason,
+                  "tokens_delivered": job.delivered, "continues": plan.kind is ContinuationKind.CONTINUE})
             waiting_since = None  # the queue deadline bounds each wait, not the whole job
 
     async def _reach(self, offer: Any) -> None:
@@ -711,10 +750,10 @@ class Node:
     def _candidates(self, job: _Ticket, now: int, offers: list[Offer] | None = None) -> list[RankedOffer]:
         """Providers for ``job``, best first, busy ones included, without
         those that failed it."""
-        request = job.request
+        work = job.work
         ranked = rank(self._others_offers(now) if offers is None else offers, job.model,
-                      max_tokens=request.max_tokens, prompt_tokens_estimate=job.estimate,
-                      history=self.history, now_ms=now, max_price=request.max_price, include_busy=True)
+                      max_tokens=work.max_tokens, prompt_tokens_estimate=job.estimate,
+                      history=self.history, now_ms=now, max_price=work.max_price, include_busy=True)
         return [r for r in ranked if r.provider not in job.excluded]
 
     def _room(self, offer: Offer) -> int:
@@ -815,7 +854,6 @@ class Node:
 
     def _start_attempt(self, job: _Ticket, provider: bytes) -> None:
         record = self._record(job)
-        job.chunks = []
         self._update(job, RUNNING, provider=provider, attempts=(*record.attempts, Attempt(provider, now_ms())))
 
     def _end_attempt(self, job: _Ticket, outcome: str, result: JobResult | None = None) -> None:
@@ -825,20 +863,26 @@ class Node:
         last = record.attempts[-1]
         last = replace(last, outcome=outcome[:MAX_REASON_CHARS],
                        hold_id=result.hold_id if result is not None else None,
-                       release=result.release if result is not None else "")
+                       release=result.release if result is not None else "",
+                       paid=result.cost if result is not None else None)
         changes: dict[str, Any] = {"attempts": (*record.attempts[:-1], last)}
         if result is not None:
+            before = job.delivered
             job.paid += result.cost
-            changes.update(cost=job.paid, hold_id=result.hold_id, release=last.release, tokens_out=result.tokens)
+            job.delivered += result.tokens
+            job.streaming = 0
+            changes.update(cost=job.paid, hold_id=result.hold_id, release=last.release, tokens_out=job.delivered)
             if result.receipt is not None:
                 # what was paid for: tokens still in flight when we cancelled count too
-                changes.update(tokens_in=result.receipt.prompt_eval_count, tokens_out=result.receipt.output_tokens)
+                changes.update(tokens_in=result.receipt.prompt_eval_count,
+                               tokens_out=before + result.receipt.output_tokens)
         self._save(replace(record, **changes))
 
-    def _token(self, job: _Ticket, text: str, emit: Callable[[dict[str, Any]], None]) -> None:
+    def _token(self, job: _Ticket, text: str, count: int, emit: Callable[[dict[str, Any]], None]) -> None:
         if not job.chunks and self._record(job).first_token_ms is None:
             self._save(replace(self._record(job), first_token_ms=now_ms()))
         job.chunks.append(text)
+        job.streaming += count
         emit({"type": "token", "text": text})
 
     def _end_job(self, job: _Ticket, status: str, *, reason: str = "", result: JobResult | None = None) -> None:
@@ -879,17 +923,94 @@ class Node:
                                         cancelled=session.cancelled, finished=served.prompt_tokens is not None)
         self._save(advance(base, status, now, reason=reason, **facts))
 
+    async def _keep_voucher(self, request: JobRequest, voucher: Signed) -> None:
+        """``ProviderService``'s ``keep_voucher``: a served job's newest
+        voucher, written synced to the job store by a worker thread."""
+        assert self.job_store is not None
+        kept = KeptVoucher(request.job_id, request.model, request.hold, voucher).to_wire()
+        await trio.to_thread.run_sync(self.job_store.keep_voucher, request.job_id, kept)
+
+    def _find_kept_vouchers(self) -> None:
+        """At start, before we serve anything: the vouchers kept for jobs
+        that a crash or stop cut short (a job that ended claimed its own)."""
+        assert self.job_store is not None
+        for job_id, raw in self.job_store.kept_vouchers():
+            try:
+                self._kept[job_id] = KeptVoucher.from_wire(raw, self.network_id)
+            except P2PGPUError as exc:
+                log.warning("job store: dropping the damaged kept voucher of job %s: %s", job_id.hex()[:16], exc)
+                self.job_store.forget_voucher(job_id)
+        if self._kept:
+            log.info("%d job(s) we served were cut short; claiming what their vouchers cover", len(self._kept))
+
+    async def _claim_kept_vouchers(self) -> None:
+        """CLAIM what the kept vouchers cover (``p2pgpu.core.settlement.plan_claim``
+        decides) and put the outcome in the jobs' records. A hold our ledger
+        lost with the crash is offered again from the kept copy; if it still
+        waits for the consumer's earlier entries, sync brings them."""
+        assert self.job_store is not None and self.ledger is not None and self.replicator is not None
+        offered: set[bytes] = set()
+        while self._kept:
+            self._kept_wakeup = trio.Event()
+            next_at: int | None = None
+            for job_id, kept in list(self._kept.items()):
+                hold_id = kept.hold_id
+                if not self.ledger.has_entry(hold_id) and hold_id not in offered:
+                    offered.add(hold_id)
+                    await self.replicator.offer([kept.hold.wire])
+                plan = plan_claim(amount=kept.amount, expiry_ms=kept.expiry_ms, now_ms=now_ms(),
+                                  claims=self.ledger.claims_of(hold_id), hold_known=self.ledger.has_entry(hold_id))
+                if isinstance(plan, ClaimNow):
+                    try:
+                        await self.replicator.append(
+                            lambda ledger: ledger.claim(self.key, hold_id, kept.voucher, now_ms()))
+                    except P2PGPUError as exc:
+                        log.warning("claim of hold %s for %d failed: %s; trying again later",
+                                    hold_id.hex()[:8], kept.amount, exc)
+                        plan = WaitUntil(min(kept.expiry_ms + 1, now_ms() + SETTLE_RETRY_MS))
+                    else:
+                        log.info("claimed %d from hold %s of job %s, cut short by our stop",
+                                 kept.amount, hold_id.hex()[:8], job_id.hex()[:8])
+                        plan = Claimed(kept.amount)
+                if isinstance(plan, WaitUntil):
+                    next_at = plan.at_ms if next_at is None else min(next_at, plan.at_ms)
+                    continue
+                if isinstance(plan, PayLost):
+                    log.warning("job %s: %s", job_id.hex()[:8], plan.reason)
+                claimed, lost = (plan.amount, "") if isinstance(plan, Claimed) else (0, plan.reason)
+                self._save(served_pay(self.job_store.get(job_id), kept, self.key.public_key, now_ms(),
+                                      claimed=claimed, lost=lost))
+                self.job_store.forget_voucher(job_id)
+                del self._kept[job_id]
+            if self._kept:
+                wait_s = SETTLE_IDLE_S if next_at is None else min(SETTLE_IDLE_S, max(0.0, (next_at - now_ms()) / 1000))
+                with trio.move_on_after(wait_s):
+                    await self._kept_wakeup.wait()
+                await trio.sleep(SETTLE_MIN_INTERVAL_S)
+
     # ------------------------------------------------------------ jobs (API)
 
     def jobs(self, role: str | None, limit: int) -> list[dict[str, Any]]:
         assert self.job_store is not None
         now = now_ms()
-        return [job_info(record, now) for record in self.job_store.newest(role, limit)]
+        return [self._with_progress(job_info(record, now), record) for record in self.job_store.newest(role, limit)]
+
+    def _with_progress(self, info: dict[str, Any], record: JobRecord) -> dict[str, Any]:
+        """A running job's tokens so far: its record is written when an
+        attempt starts and ends, the count streams in between."""
+        if record.final:
+            return info
+        if record.role == CONSUMER and (ticket := self._live_jobs.get(record.job_id)) is not None:
+            info["tokens_out"] = ticket.delivered + ticket.streaming
+        elif record.role == PROVIDER and self.provider_service is not None \
+                and (served := self.provider_service.live.get(record.job_id)) is not None:
+            info["tokens_out"] = served.session.sent
+        return info
 
     def job(self, job_id: str) -> dict[str, Any]:
         assert self.job_store is not None
         record = self.job_store.find(job_id)
-        info = job_info(record, now_ms())
+        info = self._with_progress(job_info(record, now_ms()), record)
         live = self._live_jobs.get(record.job_id)
         if live is not None:
             text, cut = cut_text("".join(live.chunks))
@@ -956,15 +1077,19 @@ class Node:
             self._settle_wakeup.set()
 
     def _hold_released(self, hold_id: bytes) -> None:
+        """A hold of ours is released: its attempt cost what the ledger paid
+        the provider from it (``settle_attempt``), which is less than our
+        last voucher when the provider crashed before it kept that one."""
+        assert self.ledger is not None
         job_id = self._hold_jobs.pop(hold_id, None)
+        if job_id is None:  # a hold from before a restart: its entry names the job
+            entry = self.ledger.get_entry(hold_id)
+            job_id = entry.body.job_id if entry is not None and entry.kind == HOLD else None  # type: ignore[union-attr]
         record = self.job_store.get(job_id) if job_id is not None and self.job_store is not None else None
-        if record is None:
+        settled = self.ledger.hold_status(hold_id)
+        if record is None or record.role != CONSUMER or settled is None:
             return
-        attempts = tuple(replace(a, release="released") if a.hold_id == hold_id else a for a in record.attempts)
-        changes: dict[str, Any] = {"attempts": attempts}
-        if record.hold_id == hold_id:
-            changes["release"] = "released"
-        self._save(replace(record, **changes))
+        self._save(settle_attempt(record, hold_id, settled[0]))
 
     def _find_open_holds(self) -> None:
         """At start: our recent holds that were never released (a job cut
@@ -1060,25 +1185,31 @@ def _with_system(request: SubmitRequest) -> list[tuple[str, str]] | None:
     return messages
 
 
-def _prompt_estimate(request: SubmitRequest) -> int:
-    """The hold's bound on input tokens for this request, computed on what
-    will actually be sent (the core's one formula)."""
+def _work(request: SubmitRequest) -> Work:
+    """The request as its first attempt sends it (a system prompt rides
+    along as the first chat message)."""
     messages = _with_system(request)
-    return prompt_token_bound(request.prompt if messages is None else None, messages)
+    return Work(request.prompt if messages is None else None, None if messages is None else tuple(messages),
+                request.max_tokens, request.max_price)
 
 
-def _job_result_event(result: Any) -> dict[str, Any]:
-    receipt = result.receipt
+def _done_event(job: _Ticket, provider: str, attempts: int, result: JobResult | None = None) -> dict[str, Any]:
+    """The final event of a completed job: ``tokens`` and ``cost`` over all
+    its attempts (after a failover each provider is paid for its part of
+    the answer); speed and release from the last attempt's ``result``, when
+    it ended with one (a provider that died after its last token has none)."""
+    receipt = result.receipt if result is not None else None
     return {
         "type": "done",
-        "job_id": result.job_id.hex(),
-        "provider": result.provider,
-        "tokens": result.tokens,
+        "job_id": job.job_id.hex(),
+        "provider": provider,
+        "tokens": job.delivered,
         "prompt_tokens": receipt.prompt_eval_count if receipt is not None else 0,
-        "cost": result.cost,
-        "tokens_per_s": result.tokens_per_s,
-        "ttft_s": result.ttft_s,
-        "release": result.release,
+        "cost": job.paid,
+        "attempts": attempts,
+        "tokens_per_s": result.tokens_per_s if result is not None else None,
+        "ttft_s": result.ttft_s if result is not None else None,
+        "release": result.release if result is not None else "pending",
     }
 
 
@@ -1096,22 +1227,26 @@ def _statement_item(line: StatementLine) -> dict[str, Any]:
     }
 
 
-async def run_until_signalled(config: NodeConfig) -> None:
+async def run_until_signalled(config: NodeConfig) -> int | None:
     """What ``p2pgpu node run`` does: run a node until SIGINT or SIGTERM,
     then shut down gracefully (withdraw the offer, close the host and the
-    database)."""
+    database). Returns the signal that stopped it (the CLI's exit status
+    depends on which)."""
     import signal
 
     node = Node(config)
+    received: list[int] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("received %s; shutting down", signal.Signals(signum).name)
+                    received.append(signum)
                     node.stop()
                     return
 
             nursery.start_soon(stop_on_signal)
             await node.run()
             nursery.cancel_scope.cancel()
+    return received[0] if received else None

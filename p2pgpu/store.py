@@ -36,7 +36,7 @@ class LevelDBStore:
                 str(self.path), create_if_missing=True, bloom_filter_bits=10, write_buffer_size=32 * 1024 * 1024
             )
         except plyvel.IOError as exc:
-            raise ConfigError(f"cannot open the ledger database at {self.path}: {_reason(exc)} (is another node using this data dir?)") from exc
+            raise ConfigError(f"cannot open the ledger database at {self.path}: {_reason(exc)} (is another node using this data dir? stop it, or pass another --data-dir)") from exc
         except plyvel.CorruptionError as exc:
             raise ConfigError(f"the ledger database at {self.path} is corrupt: {_reason(exc)}") from exc
 

@@ -113,12 +113,16 @@ class Node:
         return json.loads(self(*args, "--json").stdout)
 
     def fails(self, *args: str, code: int = 1) -> Result:
-        """A command that must fail cleanly: exit 1, one error line, no traceback."""
+        """A command that must fail cleanly: exit ``code``, one error line
+        (one JSON object with --json), no traceback. Usage errors (2) are click's."""
         result = self.runner.invoke(cli, list(args), catch_exceptions=False)
         assert result.exit_code == code, (result.stdout, result.stderr)
-        if code == 1:
-            assert result.stderr.startswith("error: "), result.stderr
+        if code != 2:
             assert result.stderr.count("\n") == 1, result.stderr
+            if "--json" in args:
+                assert json.loads(result.stderr)["error"]["exit_code"] == code, result.stderr
+            else:
+                assert result.stderr.startswith("error: "), result.stderr
         assert "Traceback" not in result.stderr
         return result
 
@@ -294,11 +298,13 @@ def test_an_unexpected_error_in_the_node_is_a_clean_error(node):
 
 @pytest.mark.parametrize("args", NODE_COMMANDS)
 def test_every_node_command_says_the_node_is_not_running(stopped, args):
-    for extra in ((), ("--json",)):
-        result = stopped.fails(*args, *extra)
-        assert result.stderr.startswith("error: the node is not running (no local API at ")
-        assert "start it with `p2pgpu node run`" in result.stderr
-        assert str(stopped.data_dir.path) in result.stderr
+    result = stopped.fails(*args, code=3)
+    assert result.stderr.startswith("error: the node is not running (no local API at ")
+    assert "start it with `p2pgpu node run`" in result.stderr
+    error = json.loads(stopped.fails(*args, "--json", code=3).stderr)["error"]
+    assert error["code"] == "node_not_running" and error["exit_code"] == 3
+    assert error["message"] == result.stderr.removeprefix("error: ").rstrip("\n")
+    assert str(stopped.data_dir.path) in result.stderr
 
 
 @pytest.fixture
@@ -313,7 +319,7 @@ def dead_port() -> Iterator[int]:
 @pytest.mark.parametrize("args", NODE_COMMANDS)
 def test_a_stale_api_addr_says_the_node_is_not_running(stopped, dead_port, args):
     write_api_address(stopped.data_dir, dead_port)
-    result = stopped.fails(*args)
+    result = stopped.fails(*args, code=3)
     assert f"no local API at http://127.0.0.1:{dead_port}" in result.stderr
     assert "start it with `p2pgpu node run`" in result.stderr
 
@@ -329,14 +335,29 @@ def test_a_token_mismatch_is_explained(tmp_path):
         write_api_address(node.data_dir, server.port)
         result = node.fails("status")
     assert "token mismatch" in result.stderr
+    assert f"the API token in {node.data_dir.path} does not match the running node's" in result.stderr
+    assert "Restart the node" in result.stderr and "`p2pgpu node run`" in result.stderr
     assert node.view.calls == []
 
 
 def test_a_missing_token_file_is_a_clean_error(tmp_path, dead_port):
+    """No node answers: a new token (init, or the next node run) is the fix."""
     node = Node(tmp_path, FakeNodeView())
     write_api_address(node.data_dir, dead_port)
     node.data_dir.token_path.unlink()
-    assert "no API token" in node.fails("status").stderr
+    result = node.fails("status")
+    assert "no API token" in result.stderr and "p2pgpu init" in result.stderr
+
+
+def test_a_missing_token_while_the_node_runs_says_restart_it(node):
+    """`p2pgpu init` would write a token the running node does not know: the
+    message must send the user to restart the node, not to init alone."""
+    node.data_dir.token_path.unlink()
+    result = node.fails("status")
+    assert "a node is running from this data dir" in result.stderr
+    assert "Restart the node" in result.stderr and "`p2pgpu node run`" in result.stderr
+    assert json.loads(node.fails("status", "--json").stderr)["error"]["code"] == "token_mismatch"
+    assert node.view.calls == []
 
 
 # ------------------------------------------------------------- the client

@@ -16,7 +16,7 @@ import pytest
 
 from p2pgpu import datadir as datadir_module
 from p2pgpu.core.genesis import Genesis, LedgerParams
-from p2pgpu.datadir import DataDir, default_data_dir, read_genesis_file
+from p2pgpu.datadir import DataDir, GenesisInstall, default_data_dir, read_genesis_file
 from p2pgpu.errors import ConfigError, IdentityError
 from p2pgpu.store import LevelDBStore
 from p2pgpu.testing.ledger import key_for, make_genesis
@@ -299,9 +299,10 @@ def test_missing_genesis_says_how_to_install_one(node_dir):
 
 def test_install_and_load_genesis(node_dir):
     genesis = make_genesis()
-    assert node_dir.install_genesis(genesis) is True
+    assert node_dir.install_genesis(genesis) is GenesisInstall.INSTALLED
     assert node_dir.genesis() == genesis
-    assert node_dir.install_genesis(genesis) is False  # same network: no-op
+    assert node_dir.install_genesis(genesis) is GenesisInstall.UNCHANGED  # same network: no-op
+    assert not GenesisInstall.UNCHANGED and GenesisInstall.INSTALLED and GenesisInstall.REPAIRED
     assert mode_of(node_dir.path) == 0o700
 
 
@@ -310,7 +311,7 @@ def test_a_different_genesis_is_refused_unless_forced(node_dir):
     with pytest.raises(ConfigError, match="already belongs to network"):
         node_dir.install_genesis(other_genesis())
     assert node_dir.genesis() == make_genesis()
-    assert node_dir.install_genesis(other_genesis(), force=True) is True
+    assert node_dir.install_genesis(other_genesis(), force=True) is GenesisInstall.INSTALLED
     assert node_dir.genesis() == other_genesis()
     assert sorted(p.name for p in node_dir.path.iterdir()) == ["genesis.json"]
 
@@ -322,9 +323,21 @@ def test_invalid_genesis_errors_name_the_file(node_dir, content):
     with pytest.raises(ConfigError) as info:
         node_dir.genesis()
     assert str(node_dir.genesis_path) in str(info.value)
-    # A broken installed genesis is not silently replaced either.
-    with pytest.raises(ConfigError):
-        node_dir.install_genesis(make_genesis())
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b'{"version": 99}'])
+def test_a_damaged_installed_genesis_is_replaced_and_reported(node_dir, content):
+    """A genesis that cannot be read names no network, so installing a valid
+    one repairs it (atomically: no temp file is left) rather than refuse."""
+    node_dir.ensure()
+    node_dir.genesis_path.write_bytes(content)
+    assert node_dir.install_genesis(make_genesis()) is GenesisInstall.REPAIRED
+    assert node_dir.genesis() == make_genesis()
+    assert mode_of(node_dir.genesis_path) == 0o644
+    assert sorted(p.name for p in node_dir.path.iterdir()) == ["genesis.json"]
+    # Once valid, another network is refused again.
+    with pytest.raises(ConfigError, match="already belongs to network"):
+        node_dir.install_genesis(other_genesis())
 
 
 def test_read_genesis_file_errors_name_the_file(tmp_path):

@@ -17,6 +17,7 @@ from p2pgpu.core.jobrecords import (
     CONSUMER,
     FAILED,
     FINAL,
+    INTERRUPTED,
     MAX_ATTEMPTS,
     MAX_TEXT_CHARS,
     PROVIDER,
@@ -27,6 +28,7 @@ from p2pgpu.core.jobrecords import (
     TRANSITIONS,
     Attempt,
     JobRecord,
+    KeptVoucher,
     advance,
     check_cancellable,
     cut_text,
@@ -36,12 +38,17 @@ from p2pgpu.core.jobrecords import (
     match_job,
     parse_job_ref,
     served_outcome,
+    served_pay,
+    settle_attempt,
 )
-from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_PROVIDER_ENTRY, BASIS_TIMEOUT
-from p2pgpu.core.settlement import OpenHold, ReleaseNow, WaitUntil, plan_release
+from p2pgpu.core.kv import MemoryStore
+from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_PROVIDER_ENTRY, BASIS_TIMEOUT, Ledger, make_voucher
+from p2pgpu.core.settlement import (
+    Claimed, ClaimNow, OpenHold, PayLost, ReleaseNow, WaitUntil, plan_claim, plan_release,
+)
 from p2pgpu.core.waitlist import assign, free_slots
 from p2pgpu.errors import AmbiguousJobId, JobStateConflict, MalformedInput, UnknownJob
-from p2pgpu.testing.ledger import key_for
+from p2pgpu.testing.ledger import START_MS, key_for, make_genesis
 
 ALICE, BOB, CAROL = (key_for(n).public_key for n in ("alice", "bob", "carol"))
 T0 = 1_700_000_000_000
@@ -167,7 +174,7 @@ def test_job_info_shows_peer_ids_and_hex():
     assert info["age_s"] == 2.5 and info["cost"] == 123 and info["tokens_in"] == 12
     assert info["hold_id"] == "68" * 32 and info["release"] == "released"
     assert info["attempts"] == [{"provider": key_for("bob").peer_id, "started_ms": T0 + 10, "outcome": "completed",
-                                 "hold_id": "68" * 32, "release": "released"}]
+                                 "hold_id": "68" * 32, "release": "released", "paid": None}]
     assert job_info(queued(), T0)["provider"] is None and job_info(queued(), T0)["release"] is None
 
 
@@ -284,3 +291,95 @@ def test_how_a_served_job_ended_is_read_from_what_the_provider_knows():
         FAILED, "backend failed: boom")
     assert served_outcome(accepted=True, outcome="", cancelled=False, finished=False) == (FAILED, "connection lost")
     assert served_outcome(accepted=True, outcome="", cancelled=False, finished=True) == (COMPLETED, "")
+
+
+# ------------------------------------------------------------ a provider's crash: kept vouchers and who paid what
+
+
+def test_plan_claim_claims_a_kept_voucher_until_the_hold_expires():
+    def claim(now=T0, claims=None, known=True):
+        return plan_claim(amount=70, expiry_ms=T0 + 10_000, now_ms=now, claims=claims or {}, hold_known=known)
+
+    assert claim() == ClaimNow(70)
+    assert claim(now=T0 + 10_000) == ClaimNow(70)  # a CLAIM stamped at expiry is still valid
+    assert claim(claims={b"c" * 32: 70}) == Claimed(70)  # claimed before the crash, or by an earlier start
+    assert claim(now=T0 + 99_999, claims={b"c" * 32: 40}) == Claimed(40)
+    assert claim(known=False) == WaitUntil(T0 + 10_001)  # our ledger lost the hold: wait for sync
+    lost = claim(now=T0 + 10_001)
+    assert isinstance(lost, PayLost) and "expired" in lost.reason and "70" in lost.reason
+    assert isinstance(claim(now=T0 + 10_001, known=False), PayLost)
+
+
+def attempt_record(*attempts: Attempt, cost: int) -> JobRecord:
+    record = advance(queued(), RUNNING, T0 + 10, provider=BOB, attempts=attempts)
+    return replace(record, cost=cost, hold_id=attempts[-1].hold_id, release=attempts[-1].release)
+
+
+def test_a_released_hold_makes_its_attempt_cost_what_the_provider_was_paid():
+    crashed = Attempt(BOB, T0, "connection lost", b"h" * 32, "pending", paid=90)
+    done = Attempt(CAROL, T0 + 5, "completed", b"i" * 32, "pending", paid=200)
+    record = attempt_record(crashed, done, cost=290)
+    # the crashed provider had kept only the voucher for 60 of the 90 we signed
+    settled = settle_attempt(record, b"h" * 32, 60)
+    assert settled.cost == 260 and settled.attempts[0].paid == 60 and settled.attempts[0].release == "released"
+    assert settled.release == "pending" and settled.attempts[1] == done  # the last attempt's hold is not this one
+    assert settle_attempt(settled, b"h" * 32, 60) == settled  # idempotent
+    settled = settle_attempt(settled, b"i" * 32, 200)
+    assert settled.cost == 260 and settled.release == "released"
+    # a hold released without any claim (timeout, waiver): that attempt cost nothing
+    assert settle_attempt(record, b"h" * 32, 0).cost == 200
+    # an attempt recorded before ``paid`` existed: the cost stays as it was
+    old = attempt_record(replace(crashed, paid=None), cost=90)
+    assert settle_attempt(old, b"h" * 32, 60).cost == 90
+    assert settle_attempt(record, b"z" * 32, 5) == replace(record, attempts=record.attempts)
+
+
+def test_attempts_keep_paid_on_the_wire_and_old_attempts_still_read():
+    record = attempt_record(Attempt(BOB, T0, "completed", b"h" * 32, "released", paid=42), cost=42)
+    assert JobRecord.from_wire(record.to_wire()) == record
+    old = _wire(record, 17, [[BOB, T0, "completed", b"h" * 32, "released"]])
+    assert JobRecord.from_wire(old).attempts[0].paid is None
+    with pytest.raises(MalformedInput):
+        JobRecord.from_wire(_wire(record, 17, [[BOB, T0, "completed", b"h" * 32, "released", -1]]))
+
+
+def kept_voucher(amount=70, job_id=b"\x05" * 16, expiry=START_MS + 60_000):
+    genesis = make_genesis(allocation=10**9)
+    alice = key_for("alice")
+    ledger = Ledger(MemoryStore(), genesis)
+    hold = ledger.hold(alice, BOB, 1_000, expiry, job_id, START_MS)
+    voucher = make_voucher(alice, genesis.network_id, hold.id, amount, START_MS + 5)
+    return genesis.network_id, KeptVoucher(job_id, "llama3.2:1b", hold, voucher)
+
+
+def test_a_kept_voucher_survives_the_wire_and_refuses_anything_else():
+    network_id, kept = kept_voucher()
+    again = KeptVoucher.from_wire(kept.to_wire(), network_id)
+    assert (again.job_id, again.model, again.hold_id, again.amount, again.expiry_ms) == (
+        kept.job_id, "llama3.2:1b", kept.hold.id, 70, START_MS + 60_000)
+    assert again.voucher.wire == kept.voucher.wire
+    _, other = kept_voucher(job_id=b"\x06" * 16)
+    for bad in (b"", pack([1, 2]), pack([2, kept.job_id, "m", kept.hold.wire, kept.voucher.wire]),
+                pack([1, kept.job_id, "m", kept.hold.wire, other.voucher.wire]),  # the voucher names another hold
+                pack([1, b"\x06" * 16, "m", kept.hold.wire, kept.voucher.wire]),  # the hold is another job's
+                pack([1, kept.job_id, "m", kept.voucher.wire, kept.voucher.wire])):
+        with pytest.raises(MalformedInput):
+            KeptVoucher.from_wire(bad, network_id)
+
+
+def test_a_served_job_cut_short_costs_what_was_claimed_or_says_its_pay_was_lost():
+    _, kept = kept_voucher()
+    running = JobRecord(kept.job_id, PROVIDER, RUNNING, "llama3.2:1b", key_for("alice").public_key, BOB, T0,
+                        started_ms=T0, hold_id=kept.hold_id)
+    interrupted = advance(running, FAILED, T0 + 50, reason=INTERRUPTED)  # as the job store loads it
+    claimed = served_pay(interrupted, kept, BOB, T0 + 99, claimed=70)
+    assert (claimed.status, claimed.cost, claimed.reason, claimed.ended_ms) == (FAILED, 70, INTERRUPTED, T0 + 50)
+    assert served_pay(running, kept, BOB, T0 + 99, claimed=70) == replace(claimed, ended_ms=T0 + 99)
+    lost = served_pay(interrupted, kept, BOB, T0 + 99, lost="the hold expired")
+    assert lost.cost == 0 and lost.reason == f"{INTERRUPTED}; pay lost: the hold expired"
+    assert served_pay(lost, kept, BOB, T0 + 200, lost="the hold expired") == lost  # said once
+    # its record was lost too (never synced): rebuilt from the kept voucher
+    rebuilt = served_pay(None, kept, BOB, T0 + 99, claimed=70)
+    assert (rebuilt.job_id, rebuilt.role, rebuilt.status, rebuilt.cost, rebuilt.hold_id, rebuilt.provider) == (
+        kept.job_id, PROVIDER, FAILED, 70, kept.hold_id, BOB)
+    assert rebuilt.consumer == kept.hold.author and rebuilt.model == "llama3.2:1b"

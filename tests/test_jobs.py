@@ -25,6 +25,7 @@ from p2pgpu.core.jobs import (
     ConsumerState,
     Deliver,
     Failed,
+    KeepVoucher,
     LocalProtocolError,
     Pause,
     Prices,
@@ -87,7 +88,7 @@ class Net:
     """Consumer alice and provider bob joined by an in-memory stream."""
 
     def __init__(self, *, tokens=20, drop=None, delay=None, decide="accept", prices=PRICES, window=WINDOW,
-                 config=CONFIG):
+                 config=CONFIG, keep_ms=None):
         self.ledger, self.hold, signed, body = make_job(prices=prices, window=window)
         self.now = START_MS
         self.c = ConsumerSession(alice, NET_ID, signed, body, config)
@@ -106,6 +107,9 @@ class Net:
         self.c_actions: list = []
         self.p_actions: list = []
         self.frames: dict[str, list] = {"c2p": [], "p2c": []}  # decoded frames actually delivered
+        self.keep_ms = keep_ms  # durable_vouchers: a KeepVoucher is written this long after (None: never)
+        self.keeps: list[tuple[int, int]] = []  # (due, amount)
+        self.most_unkept = 0  # the most tokens ever sent past what the kept vouchers cover
 
     # --- moving actions
     def _send(self, direction: str, data: bytes) -> None:
@@ -145,6 +149,11 @@ class Net:
                 self.next_token_ms = self.now + TOKEN_MS
             elif isinstance(action, StopGeneration):
                 self.stopped = True
+            elif isinstance(action, KeepVoucher) and self.keep_ms is not None:
+                self.keeps.append((self.now + self.keep_ms, action.amount))
+        if self.p.request is not None:
+            unkept = self.p.sent - covered_tokens(self.p.request.prices, self.p.kept)
+            self.most_unkept = max(self.most_unkept, unkept)
 
     def break_link(self) -> None:
         self.broken = True
@@ -170,6 +179,9 @@ class Net:
                     break
                 self.frames[direction].append(decode_frame(data))  # only frames the receiver took
                 handle(actions)
+        while self.keeps and self.keeps[0][0] <= self.now:
+            _, amount = self.keeps.pop(0)
+            self.on_provider(self.p.voucher_kept(self.now, amount))
         for session, handle in ((self.c, self.on_consumer), (self.p, self.on_provider)):
             deadline = session.next_deadline()
             if deadline is not None and deadline <= self.now:
@@ -177,6 +189,7 @@ class Net:
         self._executor()
         times = [q[0][0] for q in self.queues.values() if q]
         times += [d for d in (self.c.next_deadline(), self.p.next_deadline()) if d is not None]
+        times += [due for due, _ in self.keeps[:1]]
         if self.p.state is ProviderState.DONE:
             self.running = False  # the session is over; so is the executor
         if self.running and not self.finished and not (self.paused and not self.stopped):
@@ -432,6 +445,65 @@ def test_tokens_produced_while_paused_are_buffered_then_flushed():
     actions = p.finished(START_MS + 2, 3, 4)
     receipt = decode_receipt(decode_frame(actions[0].data).args[0], NET_ID)
     assert receipt.output_tokens == 4 and receipt.status == DONE
+
+
+# ------------------------------------------------------------------ durable vouchers
+
+DURABLE = SessionConfig(first_token_ms=30_000, stall_ms=5_000, receipt_ms=5_000, pause_grace_ms=2_000,
+                        settle_ms=2_000, durable_vouchers=True)
+
+
+@pytest.mark.parametrize("keep_ms", [0, 3, 40, 1_500])
+def test_a_durable_provider_never_serves_a_window_past_its_kept_voucher(keep_ms):
+    net = Net(tokens=40, config=DURABLE, keep_ms=keep_ms).start().run()
+    assert isinstance(net.outcome(), Completed)
+    assert net.p.sent == 40 and net.most_unkept <= WINDOW  # a crash at any moment costs at most a window
+    (claim,) = net.claims()
+    assert claim.amount == net.outcome().paid == net.p.paid  # the final voucher: the CLAIM itself is durable
+    keeps = [a for a in net.p_actions if isinstance(a, KeepVoucher)]
+    assert keeps and all(k.amount < claim.amount for k in keeps)  # the final one is claimed, not kept
+    if keep_ms >= 40:  # a slow disk pauses the stream; a fast one does not
+        assert any(isinstance(a, Pause) for a in net.p_actions)
+    if keep_ms == 0:
+        assert not any(isinstance(a, Pause) for a in net.p_actions)
+
+
+def test_a_disk_that_never_keeps_the_voucher_stops_the_stream_at_one_window_but_not_as_unpaid():
+    net = Net(tokens=40, config=DURABLE, keep_ms=None).start().run()
+    assert net.p.sent == WINDOW and net.p.kept == 0 and net.p.paid > 0
+    assert not [f for f in net.frames["p2c"] if f.type == jobs.CANCEL]  # it was paid: never "unpaid"
+    outcome = net.outcome()
+    assert isinstance(outcome, Failed) and outcome.retryable and "stalled" in outcome.reason
+    (claim,) = net.claims()  # it still claims the newest voucher it holds
+    assert claim.amount == net.p.paid
+
+
+def test_voucher_kept_resumes_a_paused_provider_and_checks_its_amount():
+    _, hold, signed, body = make_job(window=2)
+    p = ProviderSession(bob, NET_ID, DURABLE)
+    p.receive(encode_frame(jobs.REQUEST, JOB_ID, signed.wire, body, []), START_MS)
+    p.accept(START_MS)
+    p.tokens(START_MS, "a", 1)
+    assert Pause() in p.tokens(START_MS, "b", 1) and p.tokens(START_MS, "c", 1) == []
+    voucher = make_voucher(alice, NET_ID, hold.id, job_cost(PRICES, 0, 2), START_MS)
+    amount = voucher.fields[1]
+    assert p.receive(encode_frame(jobs.VOUCHER, JOB_ID, voucher.wire), START_MS) == [KeepVoucher(voucher, amount)]
+    assert p.state is ProviderState.PAUSED and p.paid == amount and p.kept == 0
+    # paid but not yet kept: the pause grace runs out without stopping the job
+    grace = p.next_deadline()
+    assert p.on_timer(grace) == [] and p.state is ProviderState.PAUSED and p.next_deadline() == grace + 2_000
+    before = p.snapshot()
+    with pytest.raises(LocalProtocolError):
+        p.voucher_kept(grace, amount + 1)  # never received
+    assert p.snapshot() == before
+    actions = p.voucher_kept(grace, amount)
+    sent = [decode_frame(a.data).args[1] for a in actions if isinstance(a, Send)]
+    assert sent == ["c"] and Resume() in actions and p.state is ProviderState.RUNNING and p.kept == amount
+    assert p.voucher_kept(grace, amount) == []  # twice changes nothing
+    p.cancel(grace, "operator")
+    p.finished(grace, 0, 3)
+    p.connection_lost(grace)
+    assert p.state is ProviderState.DONE and p.voucher_kept(grace, amount) == []  # a late write: nothing
 
 
 # ------------------------------------------------------------------ a greedy provider
@@ -703,13 +775,16 @@ def test_timers_do_nothing_before_their_deadline():
                            st.integers(0, 20_000), max_size=6),
     cancel_at=st.one_of(st.none(), st.integers(0, 30)),
     provider_cancel_at=st.one_of(st.none(), st.integers(0, 30)),
+    keep_ms=st.one_of(st.none(), st.integers(0, 2_500)),  # None: vouchers count at once; else durable, this slow
 )
-def test_any_interleaving_ends_and_never_overpays(tokens, window, drops, delays, cancel_at, provider_cancel_at):
+def test_any_interleaving_ends_and_never_overpays(tokens, window, drops, delays, cancel_at, provider_cancel_at,
+                                                   keep_ms):
     # a round trip slowed by less than the pause grace never stops a job
     undisturbed = not drops and sum(delays.values()) < CONFIG.pause_grace_ms and (cancel_at, provider_cancel_at) == (None, None)
     net = Net(tokens=tokens, window=window,
               drop=lambda d, i, f: (d, i) in drops,
-              delay=lambda d, i, f: delays.get((d, i), 0)).start()
+              delay=lambda d, i, f: delays.get((d, i), 0),
+              config=CONFIG if keep_ms is None else DURABLE, keep_ms=keep_ms).start()
     while net.step():
         assert net.now < START_MS + 500_000, "the link never went quiet"
         if cancel_at is not None and net.c.received >= cancel_at and net.c.state in (
@@ -741,6 +816,7 @@ def test_any_interleaving_ends_and_never_overpays(tokens, window, drops, delays,
         assert claim.amount <= last and claim.voucher.fields[1] == claim.amount
         claim.voucher.verify()
     assert len(net.claims()) <= 1
+    assert net.most_unkept <= window  # never a window past the vouchers a crash would leave
 
 
 # ------------------------------------------------------------------ the rest of the tables

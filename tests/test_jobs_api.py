@@ -296,7 +296,7 @@ def test_cli_job_cancel(node):
 def test_cli_job_commands_on_a_stopped_node(tmp_path):
     stopped = Node(tmp_path, JobsView())
     for args in (("jobs",), ("job", "show", "beef"), ("job", "cancel", "beef"), ("jobs", "--json")):
-        assert "not running" in stopped.fails(*args).stderr
+        assert "not running" in stopped.fails(*args, code=3).stderr
 
 
 def test_submit_says_when_a_job_waits_in_line(tmp_path):

@@ -111,6 +111,11 @@ async def test_cancel_stops_both_sides_and_pays_only_for_what_was_sent(tmp_path)
             jobs.start_soon(_fill, consumer, request, events)
             await wait_for(lambda: tokens_seen(events) >= 3, timeout=DEADLINE, what="three tokens")
             job_id = next(e["job_id"] for e in events if e["type"] == "provider")
+            # `p2pgpu jobs` shows a running job's tokens as they stream, on both sides
+            for node in (consumer, provider):
+                await wait_for(lambda: (j := node.jobs(None, 1)[0])["status"] == "running" and j["tokens_out"] >= 3,
+                               timeout=DEADLINE, what="live progress in the job list")
+            assert consumer.job(job_id)["tokens_out"] >= 3
             # a second job waits for the one slot; cancelled there, it costs nothing
             jobs.start_soon(_fill, consumer, SubmitRequest(model=MODEL, prompt="another", max_tokens=4), waiting)
             await wait_for(lambda: waiting, timeout=DEADLINE, what="the second job's first event")

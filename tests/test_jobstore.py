@@ -117,3 +117,22 @@ def test_a_second_store_on_the_same_directory_is_a_clear_error(tmp_path):
     with JobStore(tmp_path / "jobs"):
         with pytest.raises(ConfigError, match="another node"):
             JobStore(tmp_path / "jobs")
+
+
+def test_kept_vouchers_survive_a_reopen_apart_from_the_records_until_forgotten(tmp_path):
+    path = tmp_path / "jobs"
+    with JobStore(path, max_jobs=1) as store:
+        store.keep_voucher(job_id(1), b"first voucher")
+        store.keep_voucher(job_id(1), b"newer voucher")  # only the newest is kept
+        store.keep_voucher(job_id(2), b"another job's")
+        store.put(done(3))
+        store.put(done(4))  # the bound prunes records, never a voucher still to be claimed
+    with JobStore(path) as store:
+        assert store.kept_vouchers() == [(job_id(1), b"newer voucher"), (job_id(2), b"another job's")]
+        assert len(store) == 1
+        store.forget_voucher(job_id(1))
+        assert store.kept_vouchers() == [(job_id(2), b"another job's")]
+    store = JobStore(path)
+    store.close()
+    with pytest.raises(ConfigError):  # a worker thread late for a closed store gets an error, not a crash
+        store.keep_voucher(job_id(5), b"late")

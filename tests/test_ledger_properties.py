@@ -274,8 +274,8 @@ def test_double_spend_is_flagged_by_every_replica_and_they_agree(store_factory):
 def test_overspend_nonpositive_and_double_receive_are_rejected(store_factory):
     genesis = make_genesis()
     ledger = Ledger(store_factory(), genesis)
-    with pytest.raises(InsufficientFunds):
-        ledger.send(alice, bob.public_key, 1_001, START_MS)
+    with pytest.raises(InsufficientFunds, match=r"needs 0\.001001 coins but only 0\.001 are spendable"):
+        ledger.send(alice, bob.public_key, 1_001, START_MS)  # people read coins, not base units
     for amount in (0, -5):
         with pytest.raises(MalformedInput):
             ledger.send(alice, bob.public_key, amount, START_MS)

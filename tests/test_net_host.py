@@ -25,7 +25,7 @@ import trio
 
 from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.protocols import JOB_PROTOCOL, LEDGER_SYNC_PROTOCOL, ledger_topic, offers_topic
-from p2pgpu.errors import ConfigError, MalformedInput, Oversized, P2PGPUError, Truncated
+from p2pgpu.errors import AddressInUse, ConfigError, MalformedInput, Oversized, P2PGPUError, Truncated
 from p2pgpu.net import (
     BootstrapConfig,
     FrameStream,
@@ -135,6 +135,25 @@ async def test_listen_addresses_are_checked() -> None:
         async with open_host(NodeKey.generate()) as alice:
             raise PeerUnreachable("from the caller's own code")
     assert alice.listen_addrs() == []  # closed
+
+
+async def test_a_port_in_use_is_refused_not_shared() -> None:
+    """py-libp2p binds with SO_REUSEPORT: a second host on our port used to
+    start silently and share our inbound connections. Ours must fail."""
+    with trio.fail_after(DEADLINE):
+        async with open_host(NodeKey.generate()) as first, open_host(NodeKey.generate()) as other:
+            port = port_of(first.listen_addrs()[0])
+            assert port != port_of(other.listen_addrs()[0])  # two hosts on port 0: two free ports
+            with pytest.raises(AddressInUse, match=f"tcp/{port}: the p2p port is in use") as caught:
+                async with open_host(NodeKey.generate(), [f"/ip4/127.0.0.1/tcp/{port}"]):
+                    pass  # pragma: no cover
+            assert isinstance(caught.value, ConfigError)
+            # the first host keeps its port and serves on it
+            first.set_stream_handler(JOB_PROTOCOL, echo)
+            assert await other.connect(first.listen_addrs()[0]) == first.peer_id
+            async with await other.open_stream(first.peer_id, JOB_PROTOCOL) as stream:
+                await stream.send_frame(b"still here")
+                assert await stream.receive_frame() == b"echo:still here"
 
 
 async def test_plaintext_dialer_claiming_our_identity_is_refused() -> None:

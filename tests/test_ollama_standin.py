@@ -123,7 +123,9 @@ def test_reply_depends_on_model_prompt_and_seed_but_not_name_spelling() -> None:
     assert expected_tokens(LLAMA, "hello!") != base
     assert expected_tokens(LLAMA, "hello", seed=7) != base
     assert expected_tokens(LLAMA, "hello", seed=-1) == base  # -1 is Ollama's "no seed"
-    assert expected_tokens(LLAMA, HELLO) != expected_tokens(LLAMA, "Say hello to the network.")
+    # Ollama renders a generate prompt as the chat of that one user message
+    assert expected_tokens(LLAMA, HELLO) == expected_tokens(LLAMA, "Say hello to the network.")
+    assert expected_tokens(LLAMA, [{"role": "system", "content": "terse"}, *HELLO]) != expected_tokens(LLAMA, HELLO)
 
 
 def test_prompt_token_count() -> None:

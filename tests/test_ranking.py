@@ -7,6 +7,8 @@ Time is a number here: ``T0`` is "now" unless a test moves it.
 
 from __future__ import annotations
 
+from p2pgpu.core.units import format_coins
+
 import itertools
 
 import pytest
@@ -207,7 +209,8 @@ def test_explain_too_expensive() -> None:
     offers = [offer(alice), offer(bob, slots_free=0, price_out=1)]
     cost = job_cost(Prices(100_000, 300_000), 500, 1000)
     text = explain_no_match(offers, "llama3.2:1b", T0, max_price=cost - 1, **JOB)
-    assert "more than the limit" in text and f"would cost {cost}" in text and "1 more are busy" in text
+    assert "more than the limit" in text and f"would cost {format_coins(cost)} coins" in text and "1 more are busy" in text
+    assert f"limit of {format_coins(cost - 1)} coins" in text and "base units" not in text
     assert ranked(offers, max_price=cost - 1) == []
     assert "match" in explain_no_match(offers, "llama3.2:1b", T0, max_price=cost, **JOB)
 

@@ -96,6 +96,23 @@ async def test_a_provider_killed_mid_stream_and_the_job_finishes_elsewhere(tmp_p
         kinds = [e["type"] for e in events]
         assert kinds.count("provider") == 2 and "retry" in kinds and kinds[-1] == "done", [e for e in events if e["type"] != "token"]
         assert events[-1]["provider"] == fast.key.peer_id
+        # One answer, not the dead provider's fragment followed by a new one:
+        # the second provider continued it (a chat ending in the partial
+        # answer), asked only for the tokens still missing.
+        text = "".join(e["text"] for e in events if e["type"] == "token")
+        assert text == expected_completion(MODEL, "tell me a story", num_predict=30).text
+        retry = next(e for e in events if e["type"] == "retry")
+        delivered = retry["tokens_delivered"]
+        assert retry["continues"] is True and 5 <= delivered < 30
+        assert events[-1]["tokens"] == 30 and events[-1]["attempts"] == 2
+        (continued,) = [r.body for r in second.requests if r.path == "/api/chat"]
+        assert continued["messages"][0] == {"role": "user", "content": "tell me a story"}
+        prefix = continued["messages"][-1]
+        assert prefix["role"] == "assistant" and text.startswith(prefix["content"]) and prefix["content"] != text
+        assert continued["options"]["num_predict"] == 30 - delivered
+        record = consumer.job_store.get(bytes.fromhex(events[-1]["job_id"]))
+        assert record.tokens_out == 30 and len(record.attempts) == 2 and record.cost == events[-1]["cost"]
+        assert consumer.job_store.text(record.job_id) == text
         survivors = [n for i, n in enumerate(net.nodes) if net.nodes[i].key.peer_id != chosen[0]]
         await wait_for(lambda: len({n.ledger.state_hash() for n in survivors}) == 1, timeout=30)
         for node in survivors:

@@ -227,6 +227,9 @@ async def test_submit_needs_the_token(served):
         ({"model": "m", "prompt": "hi", "messages": [["user", "hi"]]}, "exactly one"),
         ({"model": "m", "prompt": 5}, "prompt"),
         ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "prompt": " \n\t "}, "only whitespace"),
+        ({"model": "m", "messages": [["system", " "], ["user", "\n"]]}, "no text to answer"),
+        ({"model": "m", "messages": [["assistant", "I was saying"]]}, "no text to answer"),
         ({"model": "m", "messages": [["robot", "hi"]]}, "role"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "[role, content]"),
         ({"model": "m", "messages": [["user"]]}, "[role, content]"),
@@ -282,10 +285,20 @@ def test_cli_prints_tokens_and_a_summary(node):
     assert result.stderr.splitlines()[-1] == (
         f"provider {CAROL}, 3 tokens, 42.2 tok/s, cost 0.25 coins (after 1 retry)"
     )
-    assert f"retrying: provider {BOB} failed (provider went away)" in result.stderr
+    assert f"provider {BOB} failed (provider went away); trying the next provider" in result.stderr
     assert node.view.requests == [
         SubmitRequest(model="llama3.2:3b", prompt="Say hello", max_tokens=10, max_price=500_000)
     ]
+
+
+def test_cli_failover_that_continues_the_answer_keeps_one_answer_on_stdout(node):
+    continued = {**RETRY, "tokens_delivered": 2, "continues": True}
+    node.view.script = [PROVIDER, TOKENS[0], TOKENS[1], continued, PROVIDER_2, TOKENS[2], DONE]
+    result = node("submit", "--model", "m", "Say hello")
+    assert result.stdout == "Hello, world\\u001b[2J\n"  # the fragment and its continuation: one answer
+    assert f"provider {BOB} failed (provider went away) after 2 tokens; the next provider continues the answer" \
+        in result.stderr
+    assert "Hello" not in result.stderr
 
 
 def test_cli_reads_the_prompt_from_stdin_and_passes_options(node):
@@ -321,6 +334,9 @@ def test_cli_a_final_error_exits_1(node):
     result = node.runner.invoke(cli, ["submit", "--model", "m", "--json", "hi"])
     assert result.exit_code == 1
     assert json.loads(result.stdout.splitlines()[-1])["kind"] == "ExecutionFailed"
+    # stderr says it as every --json error is said: one object of a stable shape
+    assert json.loads(result.stderr) == {"error": {"code": "execution_failed", "message": "no provider serves m",
+                                                   "exit_code": 1}}
 
 
 def test_cli_an_error_before_the_stream_exits_1(node):
@@ -341,4 +357,4 @@ def test_cli_needs_a_prompt_or_messages(node, tmp_path):
 
 def test_cli_submit_to_a_stopped_node(tmp_path):
     stopped = Node(tmp_path, SubmitView())
-    assert "not running" in stopped.fails("submit", "--model", "m", "hi").stderr
+    assert "not running" in stopped.fails("submit", "--model", "m", "hi", code=3).stderr

@@ -37,8 +37,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
-from p2pgpu.core.codec import MAX_INT, MAX_TIMESTAMP_MS, check_bytes, check_int, check_list, check_str, pack, unpack
+from p2pgpu.core.codec import (
+    MAX_INT, MAX_TIMESTAMP_MS, Signed, Tag, check_bytes, check_int, check_list, check_str, decode_signed, pack, unpack,
+)
 from p2pgpu.core.identity import PUBLIC_KEY_SIZE, peer_id_from_public_key
+from p2pgpu.core.ledger import HOLD, MAX_AMOUNT, MAX_ENTRY_SIZE, Entry, Hold, decode_entry
 from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS
 from p2pgpu.errors import AmbiguousJobId, JobStateConflict, MalformedInput, UnknownJob
 
@@ -46,7 +49,8 @@ __all__ = [
     "CONSUMER", "PROVIDER", "ROLES",
     "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "REJECTED", "STATUSES", "FINAL", "TRANSITIONS",
     "RELEASES", "MAX_ATTEMPTS", "MAX_REASON_CHARS", "MAX_TEXT_CHARS", "MAX_RECORD_BYTES",
-    "Attempt", "JobRecord", "advance", "check_cancellable", "job_info", "parse_job_ref", "match_job",
+    "Attempt", "JobRecord", "KeptVoucher", "advance", "check_cancellable", "job_info", "parse_job_ref", "match_job",
+    "settle_attempt", "served_pay",
     "cut_text", "encode_text", "decode_text",
 ]
 
@@ -69,6 +73,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 # the provider's claim shows up or the hold expires).
 RELEASES = frozenset({"", "released", "pending"})
 
+INTERRUPTED = "interrupted: the node stopped while the job ran"
+
 JOB_ID_SIZE = 16
 HOLD_ID_SIZE = 32
 MAX_ATTEMPTS = 32  # the newest attempts are kept
@@ -78,7 +84,8 @@ MAX_RECORD_BYTES = 64 * 1024
 MAX_TEXT_BYTES = 4 * MAX_TEXT_CHARS + 16
 WIRE_VERSION = 1
 _RECORD_FIELDS = 19
-_ATTEMPT_FIELDS = 5
+_ATTEMPT_FIELDS = 6
+_OLD_ATTEMPT_FIELDS = 5  # before ``paid``
 _HEX = re.compile(r"[0-9a-f]+")
 MIN_PREFIX = 4
 
@@ -92,20 +99,29 @@ class Attempt:
     outcome: str = ""  # "" while it runs; then "completed", "busy", or why it failed
     hold_id: bytes | None = None
     release: str = ""
+    # What this attempt costs us: the last voucher we signed for its hold
+    # until the hold is settled, then what the provider was paid from it.
+    # None when unknown (records written before this field).
+    paid: int | None = None
 
     def to_wire(self) -> list[Any]:
-        return [self.provider, self.started_ms, self.outcome, self.hold_id, self.release]
+        return [self.provider, self.started_ms, self.outcome, self.hold_id, self.release, self.paid]
 
     @classmethod
     def from_wire(cls, value: Any) -> Attempt:
-        provider, started, outcome, hold_id, release = check_list(value, "attempt", length=_ATTEMPT_FIELDS)
+        check_list(value, "attempt")
+        if len(value) == _OLD_ATTEMPT_FIELDS:
+            value = [*value, None]
+        provider, started, outcome, hold_id, release, paid = check_list(value, "attempt", length=_ATTEMPT_FIELDS)
         check_bytes(provider, "attempt provider", size=PUBLIC_KEY_SIZE)
         check_int(started, "attempt start", 0, MAX_TIMESTAMP_MS)
         check_str(outcome, "attempt outcome", MAX_REASON_CHARS)
         if hold_id is not None:
             check_bytes(hold_id, "attempt hold id", size=HOLD_ID_SIZE)
         _check_release(release)
-        return cls(provider, started, outcome, hold_id, release)
+        if paid is not None:
+            check_int(paid, "attempt paid", 0, MAX_INT)
+        return cls(provider, started, outcome, hold_id, release, paid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +218,57 @@ class JobRecord:
                    tokens_in, tokens_out, cost, hold_id, release, reason, tried, text_chars, text_cut)
 
 
+@dataclass(frozen=True, slots=True)
+class KeptVoucher:
+    """The newest voucher a provider has made durable for a job it serves,
+    with the hold it pays from (so the CLAIM can be made after a restart
+    even if our ledger lost the hold with the crash) and the job's model
+    (so its record can be rebuilt if that was lost too). Stored by the job
+    store beside the job's record until the hold is claimed."""
+
+    job_id: bytes
+    model: str
+    hold: Entry
+    voucher: Signed
+
+    @property
+    def hold_id(self) -> bytes:
+        return self.hold.id
+
+    @property
+    def amount(self) -> int:
+        return self.voucher.fields[1]
+
+    @property
+    def expiry_ms(self) -> int:
+        body: Hold = self.hold.body  # type: ignore[assignment]
+        return body.expiry_ms
+
+    def to_wire(self) -> bytes:
+        return pack([WIRE_VERSION, self.job_id, self.model, self.hold.wire, self.voucher.wire])
+
+    @classmethod
+    def from_wire(cls, data: bytes, network_id: bytes) -> KeptVoucher:
+        """A stored kept voucher, signatures checked; ``MalformedInput`` (or
+        another ``decode_signed`` error) for anything that is not one."""
+        value = check_list(unpack(data, max_size=3 * MAX_ENTRY_SIZE, what="kept voucher"), "kept voucher", length=5)
+        version, job_id, model, hold_wire, voucher_wire = value
+        if version != WIRE_VERSION:
+            raise MalformedInput(f"kept voucher: unknown version {version!r}")
+        check_bytes(job_id, "job id", size=JOB_ID_SIZE)
+        check_str(model, "model", MAX_MODEL_NAME_CHARS)
+        hold = decode_entry(check_bytes(hold_wire, "hold", max_size=MAX_ENTRY_SIZE), network_id)
+        voucher = decode_signed(check_bytes(voucher_wire, "voucher", max_size=MAX_ENTRY_SIZE),
+                                network_id=network_id, tags=(Tag.VOUCHER,))
+        fields = check_list(list(voucher.fields), "voucher fields", length=2)
+        check_int(fields[1], "voucher amount", 1, MAX_AMOUNT)
+        if hold.kind != HOLD or hold.body.job_id != job_id:  # type: ignore[union-attr]
+            raise MalformedInput("kept voucher: the entry is not this job's hold")
+        if fields[0] != hold.id or voucher.signer != hold.author:
+            raise MalformedInput("kept voucher: the voucher is not the hold's consumer's for this hold")
+        return cls(job_id, model, hold, voucher)
+
+
 def _check_release(release: Any) -> None:
     if release not in RELEASES:
         raise MalformedInput(f"job record: unknown release state {release!r}")
@@ -248,6 +315,50 @@ def served_outcome(*, accepted: bool, outcome: str, cancelled: bool, finished: b
     if not finished:
         return FAILED, "connection lost"
     return COMPLETED, ""
+
+
+def settle_attempt(record: JobRecord, hold_id: bytes, payout: int) -> JobRecord:
+    """A consumer's ``record`` once the hold ``hold_id`` of one of its
+    attempts is released and the ledger says the provider was paid
+    ``payout`` from it: the attempt costs exactly that (not the last voucher
+    we signed, which a provider that crashed may never have kept), and the
+    job's cost moves by the difference. Idempotent; an attempt whose
+    voucher amount is unknown (an old record) keeps the job's cost as it is.
+    """
+    attempts, delta = [], 0
+    for attempt in record.attempts:
+        if attempt.hold_id == hold_id:
+            if attempt.paid is not None:
+                delta += payout - attempt.paid
+            attempt = replace(attempt, release="released", paid=payout)
+        attempts.append(attempt)
+    changes: dict[str, Any] = {"attempts": tuple(attempts), "cost": max(0, record.cost + delta)}
+    if record.hold_id == hold_id:
+        changes["release"] = "released"
+    return replace(record, **changes)
+
+
+def served_pay(record: JobRecord | None, kept: KeptVoucher, provider: bytes, now_ms: int, *,
+               claimed: int = 0, lost: str = "") -> JobRecord:
+    """A job we (``provider``) served that a stop or crash cut short, once
+    the voucher we had ``kept`` for it is settled
+    (``p2pgpu.core.settlement.plan_claim``): it cost the consumer what we
+    ``claimed``; or the pay was ``lost`` (why: the hold expired first). A
+    record still running is failed (its session died with the process); a
+    final one keeps its status; a lost one is rebuilt from the voucher."""
+    if record is None:
+        hold_ms = kept.hold.timestamp_ms
+        record = JobRecord(kept.job_id, PROVIDER, RUNNING, kept.model, kept.hold.author, provider, hold_ms,
+                           started_ms=hold_ms, hold_id=kept.hold_id)
+    if not record.final:
+        record = advance(record, FAILED, now_ms, reason=INTERRUPTED)
+    if not lost:
+        return replace(record, cost=claimed)
+    note = f"pay lost: {lost}"
+    if note in record.reason:
+        return replace(record, cost=0)
+    reason = f"{record.reason}; {note}" if record.reason else note
+    return replace(record, cost=0, reason=reason[:MAX_REASON_CHARS])
 
 
 def check_cancellable(record: JobRecord) -> None:
@@ -300,7 +411,8 @@ def job_info(record: JobRecord, now_ms: int) -> dict[str, Any]:
         "reason": record.reason,
         "attempts": [
             {"provider": _peer(a.provider), "started_ms": a.started_ms, "outcome": a.outcome,
-             "hold_id": None if a.hold_id is None else a.hold_id.hex(), "release": a.release or None}
+             "hold_id": None if a.hold_id is None else a.hold_id.hex(), "release": a.release or None,
+             "paid": a.paid}
             for a in record.attempts
         ],
     }

@@ -62,6 +62,16 @@ Design choices, and why
   the request's ``credit_window`` (tokens produced meanwhile are buffered in
   the session, so the window is exact whatever the executor's lag), resumes
   when a voucher catches up, and stops after ``pause_grace_ms``.
+- **A provider counts only vouchers it has kept** (``durable_vouchers``,
+  set by a provider that stores them: the node). A voucher lives only in
+  memory until the edge has written it to disk, so a crash would lose it
+  and, with it, the pay for everything it covered. So each new voucher
+  becomes a ``KeepVoucher`` action, the edge calls ``voucher_kept`` once it
+  is durable, and the window counts from the newest *kept* voucher: a
+  provider never serves more than one window past what it can still claim
+  after a crash. The ``Claim`` still names the newest voucher (a CLAIM is
+  durable itself), and a consumer that paid is never stopped as unpaid
+  because our disk was slow: the pause grace is counted from what it sent.
 - **No PAUSE frame.** Pausing is P's local business; C sees a quiet stream,
   and its stall deadline covers a P that never resumes.
 - **A stop is reported by the backend.** After ``StopGeneration`` the
@@ -98,6 +108,7 @@ from p2pgpu.core.codec import (
     unpack,
 )
 from p2pgpu.core.identity import NodeKey
+from p2pgpu.core.units import format_coins
 from p2pgpu.core.ledger import HOLD, MAX_AMOUNT, Entry, Hold, decode_entry, make_voucher, make_waiver, parse_waiver
 from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS, MAX_PRICE, normalize_model_name
 from p2pgpu.errors import MalformedInput, P2PGPUError, PeerMisbehaved
@@ -108,7 +119,7 @@ __all__ = [
     "Prices", "job_cost", "prompt_token_bound", "admission_refusal", "covered_tokens", "output_hash",
     "JobRequest", "Receipt", "make_request", "decode_request", "make_receipt", "decode_receipt",
     "ConsumerSession", "ProviderSession", "ConsumerState", "ProviderState", "SessionConfig",
-    "Send", "Deliver", "Pause", "Resume", "StopGeneration", "Claim", "ReleaseHold",
+    "Send", "Deliver", "Pause", "Resume", "StopGeneration", "Claim", "KeepVoucher", "ReleaseHold",
     "RequestReceived", "Completed", "Failed",
     "ProtocolViolation", "LocalProtocolError",
 ]
@@ -189,7 +200,8 @@ def admission_refusal(request: "JobRequest", *, served_models: set[str], prices:
     if request.model not in served_models:
         return R_MODEL, f"model {request.model} is not served here"
     if request.prices.price_in < prices.price_in or request.prices.price_out < prices.price_out:
-        return R_PRICE, f"prices below ours ({prices.price_in}/{prices.price_out} per million)"
+        return R_PRICE, (f"prices below ours ({format_coins(prices.price_in)}/{format_coins(prices.price_out)} "
+                         "coins per million tokens in/out)")
     if active >= slots:
         return R_BUSY, "no free slot"
     return None
@@ -341,7 +353,8 @@ def decode_request(wire: bytes, body: bytes, network_id: bytes) -> JobRequest:
         raise MalformedInput("the hold is for another job")
     request = JobRequest(signed, job_id, model, kind, prompt, messages, max_prompt, max_tokens, prices, window, hold)
     if request.max_cost > body_h.amount:
-        raise MalformedInput(f"hold of {body_h.amount} does not cover the job's maximum cost {request.max_cost}")
+        raise MalformedInput(f"hold of {format_coins(body_h.amount)} coins does not cover the job's maximum cost "
+                             f"of {format_coins(request.max_cost)} coins")
     return request
 
 
@@ -481,6 +494,15 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepVoucher:
+    """Provider (``durable_vouchers``): make this voucher durable, then call
+    ``voucher_kept(now, amount)``. Only the newest matters: an edge still
+    writing one may skip to the newest that came meanwhile."""
+    voucher: Signed
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReleaseHold:
     """Consumer: the job is over; release ``hold_id`` (with ``waiver`` when the
     provider gave one, else after the provider's CLAIM or the hold's expiry).
@@ -521,7 +543,8 @@ class Failed:
     code: int | None = None
 
 
-Action = Send | Deliver | Pause | Resume | StopGeneration | Claim | ReleaseHold | RequestReceived | Completed | Failed
+Action = (Send | Deliver | Pause | Resume | StopGeneration | Claim | KeepVoucher | ReleaseHold | RequestReceived
+          | Completed | Failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +558,7 @@ class SessionConfig:
     settle_ms: int = 10_000  # provider: receipt -> final voucher
     request_wait_ms: int = 60_000  # provider: stream opened -> request (a consumer keeps one ready ahead of need)
     voucher_every: int | None = None  # consumer: tokens per voucher; default half the credit window
+    durable_vouchers: bool = False  # provider: count the window from vouchers the edge kept (KeepVoucher)
 
 
 # ------------------------------------------------------------------ machinery
@@ -829,6 +853,11 @@ _PROVIDER_TABLE: dict = {
     (_P.STOPPING, VOUCHER): ("_on_voucher", {_P.STOPPING}),
     (_P.SETTLING, VOUCHER): ("_on_voucher", {_P.SETTLING, _P.DONE}),
     (_P.DONE, VOUCHER): ("_ignore", {_P.DONE}),  # a late final voucher after we gave up waiting
+    (_P.RUNNING, "kept"): ("_on_kept", {_P.RUNNING}),
+    (_P.PAUSED, "kept"): ("_on_kept", {_P.RUNNING, _P.PAUSED}),
+    (_P.STOPPING, "kept"): ("_on_kept", {_P.STOPPING}),
+    (_P.SETTLING, "kept"): ("_on_kept", {_P.SETTLING}),
+    (_P.DONE, "kept"): ("_on_kept", {_P.DONE}),  # written after the job ended: nothing changes
     **{(s, CANCEL): ("_on_cancel", {_P.STOPPING}) for s in _P_GEN},
     (_P.STOPPING, CANCEL): ("_ignore", {_P.STOPPING}),  # we stopped too
     (_P.SETTLING, CANCEL): ("_ignore", {_P.SETTLING}),  # crossed our receipt
@@ -849,6 +878,8 @@ class ProviderSession(_Machine):
     offer and ledger and call ``accept``/``reject``. Feed model output with
     ``tokens`` and end with ``finished`` (always, also after
     ``StopGeneration``) or ``failed``. Ends with at most one ``Claim``.
+    With ``config.durable_vouchers``, answer each ``KeepVoucher`` with
+    ``voucher_kept`` once the voucher is on disk.
     """
 
     _TABLE = _PROVIDER_TABLE
@@ -864,7 +895,8 @@ class ProviderSession(_Machine):
         self.sent = 0  # output tokens sent
         self.seq = 0
         self.buffer: tuple[tuple[str, int], ...] = ()  # produced while paused
-        self.paid = 0
+        self.paid = 0  # the newest voucher's amount (what we claim)
+        self.kept = 0  # the newest voucher the edge made durable (what a crash leaves us); the window counts from it
         self.voucher: Signed | None = None
         self.deadline: int | None = None
         self.stop_reason: int | None = None
@@ -913,6 +945,10 @@ class ProviderSession(_Machine):
             return []
         return self._dispatch("lost", now_ms)
 
+    def voucher_kept(self, now_ms: int, amount: int) -> list[Action]:
+        """The voucher of ``amount`` (from a ``KeepVoucher``) is durable now."""
+        return self._dispatch("kept", now_ms, amount)
+
     def next_deadline(self) -> int | None:
         return self.deadline
 
@@ -922,18 +958,21 @@ class ProviderSession(_Machine):
         return self._dispatch(TIMER, now_ms)
 
     def snapshot(self) -> tuple:
-        return (self.state, self.job_id, self.sent, self.seq, self.buffer, self.paid,
+        return (self.state, self.job_id, self.sent, self.seq, self.buffer, self.paid, self.kept,
                 self.deadline, self.stop_reason, self.cancelled, self._hash.digest())
 
     # --- helpers
     @property
     def covered(self) -> int:
+        """Output tokens the kept vouchers pay for: what we may send is this plus the window."""
         assert self.request is not None
-        return covered_tokens(self.request.prices, self.paid)
+        return covered_tokens(self.request.prices, self.kept)
 
-    def _window_full(self) -> bool:
+    def _window_full(self, amount: int | None = None) -> bool:
+        """Whether we have sent a whole window past ``amount`` (default: the kept voucher)."""
         assert self.request is not None
-        return self.sent - self.covered >= self.request.credit_window
+        covered = self.covered if amount is None else covered_tokens(self.request.prices, amount)
+        return self.sent - covered >= self.request.credit_window
 
     def _send_tokens(self, text: str, count: int) -> Send:
         assert self.request is not None
@@ -1027,22 +1066,33 @@ class ProviderSession(_Machine):
         if amount > self.request.hold.body.amount:  # type: ignore[union-attr]
             raise ProtocolViolation("voucher exceeds the hold")
         self.voucher, self.paid = voucher, amount
-        if self.state is _P.SETTLING:
-            if amount >= self.final_cost:
-                self.deadline = None
-                return _P.DONE, self._claim()
-            return _P.SETTLING, []
-        if self.state is _P.PAUSED:
-            actions: list[Action] = []
-            # Flush what was produced while paused, as far as the window allows.
-            while self.buffer and not self._window_full():
-                (text, count), self.buffer = self.buffer[0], self.buffer[1:]
-                actions.append(self._send_tokens(text, count))
-            if self._window_full():
-                return _P.PAUSED, actions
+        if self.state is _P.SETTLING and amount >= self.final_cost:
             self.deadline = None
-            return _P.RUNNING, actions + [Resume()]
-        return self.state, []
+            return _P.DONE, self._claim()  # the CLAIM is durable: nothing to keep
+        if self.config.durable_vouchers:
+            return self.state, [KeepVoucher(voucher, amount)]
+        self.kept = amount
+        return self._resume_if_paused()
+
+    def _on_kept(self, now_ms, amount):
+        check_int(amount, "kept amount", 1, MAX_AMOUNT)
+        if amount > self.paid:
+            raise LocalProtocolError(f"no voucher of {amount} was received (the newest is {self.paid})")
+        self.kept = max(self.kept, amount)
+        return self._resume_if_paused()
+
+    def _resume_if_paused(self) -> tuple[ProviderState, list[Action]]:
+        if self.state is not _P.PAUSED:
+            return self.state, []
+        actions: list[Action] = []
+        # Flush what was produced while paused, as far as the window allows.
+        while self.buffer and not self._window_full():
+            (text, count), self.buffer = self.buffer[0], self.buffer[1:]
+            actions.append(self._send_tokens(text, count))
+        if self._window_full():
+            return _P.PAUSED, actions
+        self.deadline = None
+        return _P.RUNNING, actions + [Resume()]
 
     def _on_cancel(self, frame, now_ms):
         self.cancelled = True
@@ -1093,6 +1143,10 @@ class ProviderSession(_Machine):
         return _P.DONE, actions + self._claim()
 
     def _timer(self, now_ms):
+        if self.state is _P.PAUSED and not self._window_full(self.paid):
+            # The consumer paid; only our keeping of its voucher is behind.
+            self.deadline = now_ms + self.config.pause_grace_ms
+            return _P.PAUSED, []
         if self.state is _P.PAUSED:
             self.cancelled = True
             state, actions = self._stop(now_ms, "unpaid")

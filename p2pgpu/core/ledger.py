@@ -70,6 +70,7 @@ from p2pgpu.core.codec import (
 from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.identity import PUBLIC_KEY_SIZE, NodeKey, verify_signature
 from p2pgpu.core.kv import KeyValueStore, Overlay
+from p2pgpu.core.units import format_coins
 from p2pgpu.errors import (
     BadSignature,
     ConfigError,
@@ -1039,7 +1040,8 @@ class Ledger:
         kind = entry.kind
         vbalance = parent_vbalance + delta
         if vbalance < 0:
-            raise InsufficientFunds(f"{KIND_NAMES[kind]} needs {-delta} but only {parent_vbalance} is spendable")
+            raise InsufficientFunds(f"{KIND_NAMES[kind]} needs {format_coins(-delta)} coins but only "
+                                    f"{format_coins(parent_vbalance)} are spendable")
         if vbalance > MAX_AMOUNT:
             raise LedgerRuleViolation("balance would exceed the ledger's maximum")
         signed = entry.signed
@@ -1130,7 +1132,8 @@ class Ledger:
         if voucher.fields[0] != body.hold_id:
             raise LedgerRuleViolation("voucher is for another hold")
         if body.amount > hold_amount:
-            raise LedgerRuleViolation(f"claim of {body.amount} exceeds the hold of {hold_amount}")
+            raise LedgerRuleViolation(
+                f"claim of {format_coins(body.amount)} coins exceeds the hold of {format_coins(hold_amount)}")
         if entry.timestamp_ms > expiry_ms:
             raise LedgerRuleViolation("claim is stamped after the hold expired")
         claims = self._list(P_CLAIMS + body.hold_id)

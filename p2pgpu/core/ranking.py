@@ -62,6 +62,7 @@ from p2pgpu.core.codec import MAX_INT, MAX_TIMESTAMP_MS, check_bytes, check_int,
 from p2pgpu.core.identity import PUBLIC_KEY_SIZE
 from p2pgpu.core.jobs import Prices, job_cost
 from p2pgpu.core.offers import Offer, normalize_model_name
+from p2pgpu.core.units import format_coins
 from p2pgpu.errors import MalformedInput
 
 __all__ = [
@@ -481,9 +482,9 @@ def explain_no_match(
         busy = providers - len({o.provider for o in free})
         busy_note = f" ({busy} more are busy)" if busy else ""
         return (
-            f"every free provider serving {key!r}{busy_note} costs more than the limit of {max_price} "
-            f"base units for this job (worst case {prompt_tokens_estimate} input + {max_tokens} output "
-            f"tokens); the cheapest would cost {costs[0]}"
+            f"every free provider serving {key!r}{busy_note} costs more than the limit of "
+            f"{format_coins(max_price)} coins for this job (worst case {prompt_tokens_estimate} input + "
+            f"{max_tokens} output tokens); the cheapest would cost {format_coins(costs[0])} coins"
         )
     fitting = sum(1 for c in costs if max_price is None or c <= max_price)
     return f"{fitting} offer(s) for {key!r} match; nothing is wrong"

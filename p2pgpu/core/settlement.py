@@ -22,6 +22,13 @@ its CLAIM shows up within a few seconds; otherwise the hold is left
 ``not_before_ms`` keeps the task away from a hold whose job may still be
 settling it itself (the job runner's own release would race ours).
 
+The provider's side, ``plan_claim``: a job cut short by the provider's own
+crash or stop left its newest *kept* voucher in the job store (the window
+of ``p2pgpu.core.jobs`` counts from it). When the node starts again it
+claims that voucher unless the hold is already claimed on our chain; a
+CLAIM must be stamped no later than the hold's expiry (docs/ledger.md §3),
+so after expiry the pay is lost, and the job's record says so.
+
 Pure module: no I/O; time is a parameter.
 """
 
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 
 from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_PROVIDER_ENTRY, BASIS_TIMEOUT
 
-__all__ = ["OpenHold", "ReleaseNow", "WaitUntil", "plan_release"]
+__all__ = ["OpenHold", "ReleaseNow", "WaitUntil", "plan_release", "ClaimNow", "Claimed", "PayLost", "plan_claim"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,3 +97,47 @@ def plan_release(
     if now_ms >= timeout_at:
         return ReleaseNow(BASIS_TIMEOUT, b"")
     return WaitUntil(timeout_at)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimNow:
+    """Append a CLAIM of the hold with the kept voucher now."""
+
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The hold is already claimed on our chain, for ``amount``: nothing to do."""
+
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class PayLost:
+    """The voucher can no longer be claimed: ``reason`` says why."""
+
+    reason: str
+
+
+def plan_claim(
+    *,
+    amount: int,
+    expiry_ms: int,
+    now_ms: int,
+    claims: Mapping[bytes, int],
+    hold_known: bool,
+) -> ClaimNow | Claimed | PayLost | WaitUntil:
+    """What a provider does about a voucher of ``amount`` it kept for a
+    hold expiring at ``expiry_ms``. ``claims``: CLAIMs of the hold on our
+    ledger (only its provider, we, can make them: id -> amount);
+    ``hold_known``: our ledger holds the hold entry (a CLAIM must follow
+    it; a crash can lose an entry applied shortly before, and then it waits
+    for sync to bring it back)."""
+    if claims:
+        return Claimed(max(claims.values()))
+    if now_ms > expiry_ms:
+        return PayLost(f"the hold expired before its voucher of {amount} could be claimed")
+    if not hold_known:
+        return WaitUntil(expiry_ms + 1)
+    return ClaimNow(amount)

@@ -32,9 +32,12 @@ Connections
     * Listen addresses must be ``/ip4|ip6/<ip>/tcp/<port>`` and must really
       be bound. Measured: the library silently listens on nothing for an
       address it cannot bind, and on *every interface* for a ``/dns4`` name it
-      cannot resolve. (Its listeners also set SO_REUSEPORT, so another process
-      of the same user can bind our port and share our inbound connections;
-      noise still stops it from impersonating us.)
+      cannot resolve.
+    * The library's TCP listeners set SO_REUSEPORT (for hole punching, which
+      we do not use): a second node started on a port already in use bound
+      it too, started silently and shared our inbound connections. Ours are
+      bound without it (``_ExclusiveTCPListener``), so the kernel refuses the
+      second bind and the second node fails with ``AddressInUse``.
 
 Streams
     * Every stream handler is wrapped (pitfall 3): an exception in a handler
@@ -84,6 +87,7 @@ Logging (pitfall 8)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import random
@@ -104,6 +108,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.ping import PingService
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
@@ -122,11 +127,13 @@ from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP, TCPListener
 
 from p2pgpu.core.framing import FrameDecoder, encode_frame
 from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.protocols import MAX_FRAME, MAX_GOSSIP_MESSAGE
-from p2pgpu.errors import ConfigError, MalformedInput, Oversized, P2PGPUError, PeerMisbehaved
+from p2pgpu.errors import AddressInUse, ConfigError, MalformedInput, Oversized, P2PGPUError, PeerMisbehaved
 
 __all__ = [
     "DEFAULT_LISTEN_ADDRS",
@@ -143,6 +150,7 @@ __all__ = [
     "StreamHandler",
     "Subscription",
     "TopicValidator",
+    "check_addresses",
     "open_host",
 ]
 
@@ -709,11 +717,33 @@ def _parse_peer_id(peer_id: str) -> ID:
 
 def _parse_p2p_addr(addr: str) -> Any:
     try:
-        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        maddr = multiaddr.Multiaddr(addr)
+        names = [p.name for p in maddr.protocols()]
     except Exception as exc:  # noqa: BLE001
+        raise MalformedInput(f"not a multiaddr: {addr!r} ({exc})") from exc
+    if not names or names[-1] != "p2p":
         raise MalformedInput(
-            f"not a multiaddr ending in /p2p/<peer id>: {addr!r} ({exc})"
-        ) from exc
+            f"{addr!r} does not end in /p2p/<peer id>: give the peer's whole address, "
+            "as `p2pgpu status` shows it on that node (e.g. /ip4/203.0.113.7/tcp/4001/p2p/12D3KooW...)"
+        )
+    try:
+        return info_from_p2p_addr(maddr)
+    except Exception as exc:  # noqa: BLE001
+        raise MalformedInput(f"not a multiaddr ending in /p2p/<peer id>: {addr!r} ({exc})") from exc
+
+
+def check_addresses(listen_addrs: Iterable[str], bootstrap: Iterable[str] = ()) -> None:
+    """Check listen and bootstrap addresses as ``open_host`` would, before
+    anything starts: ``ConfigError`` naming the bad one. ``p2pgpu node run``
+    calls it first, so a typo fails before the data dir or the ledger is
+    touched."""
+    for addr in listen_addrs:
+        _parse_listen_addr(addr)
+    for addr in bootstrap:
+        try:
+            _parse_p2p_addr(addr)
+        except MalformedInput as exc:
+            raise ConfigError(f"bootstrap address: {exc}") from None
 
 
 def _concrete(addr: str) -> list[str]:
@@ -1351,13 +1381,14 @@ async def open_host(
     if bootstrap is not None and not isinstance(bootstrap, BootstrapConfig):
         bootstrap = BootstrapConfig(peers=tuple(bootstrap))
     if bootstrap is not None:
-        for addr in bootstrap.peers:
-            _parse_p2p_addr(addr)  # fail now, not in a background task
+        check_addresses((), bootstrap.peers)  # fail now, not in a background task
 
     key_pair = _key_pair(node_key)
+    tcp = _ExclusiveTCP()
     libp2p_host = new_host(
         key_pair=key_pair,
         listen_addrs=maddrs,
+        transports=[tcp],  # the only transport: TCP, bound without SO_REUSEPORT
         # pitfall 1: noise only; the default list includes plaintext
         sec_opt={
             NOISE_PROTOCOL_ID: NoiseTransport(
@@ -1386,7 +1417,7 @@ async def open_host(
     # several exceptions stay groups: they really are several failures.
     unwrapped: BaseException | None = None
     try:
-        async with _run_host(libp2p_host, host, maddrs, gossip, bootstrap) as running:
+        async with _run_host(libp2p_host, host, maddrs, gossip, bootstrap, tcp.bind_errors) as running:
             yield running
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
@@ -1416,15 +1447,105 @@ def _parse_listen_addr(addr: str) -> Any:
     return maddr
 
 
-def _check_listening(libp2p_host: Any, wanted: list[Any]) -> None:
-    """Every requested listen address must have produced a listener."""
+def _check_listening(libp2p_host: Any, wanted: list[Any], bind_errors: dict[str, OSError]) -> None:
+    """Every requested listen address must have produced a listener.
+
+    The swarm swallows a listener's failure (it only logs it, at a level we
+    silence); ``bind_errors`` is where ``_ExclusiveTCPListener`` kept why.
+    """
     have = [(a.value_for_protocol(a.protocols()[0].name), a.value_for_protocol("tcp"))
             for a in libp2p_host.get_transport_addrs()]
     for maddr in wanted:
         ip = maddr.value_for_protocol(maddr.protocols()[0].name)
         port = maddr.value_for_protocol("tcp")
         if not any(ip == h_ip and (port == "0" or port == h_port) for h_ip, h_port in have):
-            raise ConfigError(f"could not listen on {maddr}")
+            error = bind_errors.get(str(maddr))
+            if error is not None and error.errno == errno.EADDRINUSE:
+                raise AddressInUse(
+                    f"cannot listen on {maddr}: the p2p port is in use (is another node running? "
+                    "pick another with --listen, or tcp/0 for any free port)"
+                )
+            reason = f": {error.strerror or error}" if error is not None else ""
+            raise ConfigError(f"could not listen on {maddr}{reason}")
+
+
+class _ExclusiveTCPListener(TCPListener):
+    """py-libp2p 0.8.1's TCP listener with its sockets bound without
+    SO_REUSEPORT.
+
+    The library binds with SO_REUSEADDR and SO_REUSEPORT (so that hole
+    punching can dial out from the listening port; we never do). With
+    SO_REUSEPORT the kernel lets a second socket of the same user bind the
+    same address, so a second node on our port started silently and the
+    kernel shared our inbound connections between the two. Binding without
+    it (SO_REUSEADDR alone never allows two listeners on one port) makes
+    the bind itself fail with
+    EADDRINUSE: no race window, unlike checking that the port is free and
+    then letting the library bind it. Port 0 still picks a free port.
+
+    Only ``listen`` differs from the library's: it binds our sockets, then
+    serves them in the library's own background nursery, so the inherited
+    ``close`` and ``get_addrs`` work unchanged (they rely on the library's
+    private ``_lifecycle_lock``, ``_closed`` and ``_nursery``: the version is
+    pinned, and ``test_net_host`` fails if they change).
+    """
+
+    def __init__(self, handler_function: Any, bind_errors: dict[str, OSError]) -> None:
+        super().__init__(handler_function)
+        self._bind_errors = bind_errors
+
+    async def listen(self, maddr: Any) -> None:
+        family = trio.socket.AF_INET6 if maddr.protocols()[0].name == "ip6" else trio.socket.AF_INET
+        ip = maddr.value_for_protocol(maddr.protocols()[0].name)
+        port = int(maddr.value_for_protocol("tcp"))
+        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+        try:
+            # As the library does, less SO_REUSEPORT. SO_REUSEADDR only lets
+            # us rebind a port whose old connections linger in TIME_WAIT.
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            await sock.bind((ip, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            self._bind_errors[str(maddr)] = exc
+            raise OpenConnectionError(f"cannot listen on {maddr}: {exc}") from exc
+        listeners = [trio.SocketListener(sock)]
+
+        async def serve(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            await trio.serve_listeners(self._serve_connection, listeners, task_status=task_status)
+
+        async with self._lifecycle_lock:
+            try:
+                if self._closed:
+                    raise OpenConnectionError(f"cannot listen on {maddr}: the listener is closed")
+                if self._nursery is None:
+                    await self._spawn_background_task()
+                if self._nursery is None:
+                    raise OpenConnectionError(f"cannot listen on {maddr}: no background task")
+                await self._nursery.start(serve)
+            except BaseException:
+                for listener in listeners:
+                    await listener.aclose()
+                raise
+            self.listeners.extend(listeners)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await self.handler(TrioTCPStream(stream))
+        except Exception as exc:  # noqa: BLE001 - as the library's own listener: one bad connection is not fatal
+            logger.debug("inbound connection failed: %r", exc)
+
+
+class _ExclusiveTCP(TCP):
+    """The TCP transport with ``_ExclusiveTCPListener`` listeners; keeps
+    each failed bind's ``OSError`` by listen address for ``_check_listening``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bind_errors: dict[str, OSError] = {}
+
+    def create_listener(self, handler_function: Any) -> TCPListener:
+        return _ExclusiveTCPListener(handler_function, self.bind_errors)
 
 
 def _leaves(exc: BaseException) -> Iterable[BaseException]:
@@ -1442,11 +1563,12 @@ async def _run_host(
     maddrs: list[Any],
     gossip: GossipConfig | None,
     bootstrap: BootstrapConfig | None,
+    bind_errors: dict[str, OSError],
 ) -> AsyncIterator[P2PHost]:
     """The running part of ``open_host``: services, tasks, orderly shutdown."""
     async with libp2p_host.run(maddrs):
         try:
-            _check_listening(libp2p_host, maddrs)
+            _check_listening(libp2p_host, maddrs, bind_errors)
             async with AsyncExitStack() as services:
                 if gossip is not None:
                     router = GossipSub(

@@ -26,7 +26,11 @@ What it guarantees
   vocabulary by a hash-seeded counter, one token per streamed chunk.
   ``expected_completion`` / ``expected_tokens`` compute it without a server,
   so a test can compare what a job delivered with what the model "said". A
-  shorter ``num_predict`` yields a prefix of the longer reply.
+  shorter ``num_predict`` yields a prefix of the longer reply. A chat ending
+  in a partial assistant message (a prefill) is continued as greedy decoding
+  would continue it: the rest of the answer that message began
+  (``split_prefill``), so an answer cut short and continued elsewhere reads
+  as the one whole answer.
 - **Honest timing.** Tokens are paced against absolute deadlines on trio's
   clock (token *k* is due ``(k+1)/rate`` after decoding starts), so the rate
   holds on average and never runs early; the durations in the final chunk are
@@ -124,6 +128,7 @@ __all__ = [
     "normalize_model_name",
     "parse_keep_alive",
     "render_prompt",
+    "split_prefill",
     "serve_standin",
 ]
 
@@ -254,6 +259,17 @@ def render_prompt(prompt: Prompt) -> str:
     return "\n".join(f"{m.get('role') or ''}: {m.get('content') or ''}" for m in prompt)
 
 
+def split_prefill(prompt: Prompt) -> tuple[Prompt, str]:
+    """``(conversation, prefix)``: a chat whose last message is a non-empty
+    assistant message asks the model to *continue* that message (Ollama
+    renders the template up to it and leaves it open); anything else has
+    no prefix."""
+    if isinstance(prompt, str) or not prompt or prompt[-1].get("role") != "assistant":
+        return prompt, ""
+    prefix = prompt[-1].get("content") or ""
+    return (prompt[:-1], prefix) if prefix else (prompt, "")
+
+
 def count_prompt_tokens(prompt: Prompt) -> int:
     """``prompt_eval_count``: whitespace-separated words of the rendered prompt,
     at least 1 (a real prompt always has at least a BOS token)."""
@@ -285,9 +301,19 @@ def _reply_length(num_predict: int | None, default_length: int) -> tuple[int, st
     return default_length, "stop"
 
 
+def _conversation(prompt: Prompt) -> str:
+    """What the reply depends on. A chat of one user message is the same
+    conversation as a generate request of that text: Ollama renders a
+    generate prompt through the model's template as exactly that chat, so
+    a real model answers both alike."""
+    if not isinstance(prompt, str) and len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0].get("content") or ""
+    return render_prompt(prompt)
+
+
 def _token_stream(model: str, prompt: Prompt, seed: int | None) -> Iterator[str]:
     material = json.dumps(
-        [normalize_model_name(model), render_prompt(prompt), -1 if seed is None else seed],
+        [normalize_model_name(model), _conversation(prompt), -1 if seed is None else seed],
         ensure_ascii=False,
     )
     key = blake2b(material.encode(), digest_size=16, person=b"p2pgpu-standin").digest()
@@ -307,6 +333,22 @@ def _token_stream(model: str, prompt: Prompt, seed: int | None) -> Iterator[str]
         yield token
 
 
+def _reply_stream(model: str, prompt: Prompt, seed: int | None) -> Iterator[str]:
+    """The reply's tokens. A prefill continues the way greedy decoding
+    would: when the prefix is a token-exact start of what the model says
+    to the conversation before it, the reply is the rest of that answer
+    (so an answer cut short and continued reads as the whole answer);
+    any other prefix leads to a reply drawn for the whole chat."""
+    conversation, prefix = split_prefill(prompt)
+    if not prefix:
+        return _token_stream(model, prompt, seed)
+    stream = _token_stream(model, conversation, seed)
+    said = ""
+    while len(said) < len(prefix) and prefix.startswith(said):  # every token is non-empty: bounded
+        said += next(stream)
+    return stream if said == prefix else _token_stream(model, prompt, seed)
+
+
 def expected_completion(
     model: str,
     prompt: Prompt,
@@ -324,7 +366,7 @@ def expected_completion(
     ``default_length`` must match the stand-in's (``OllamaStandin.default_length``).
     """
     count, done_reason = _reply_length(num_predict, default_length)
-    stream = _token_stream(model, prompt, seed)
+    stream = _reply_stream(model, prompt, seed)
     return Completion(
         tokens=tuple(next(stream) for _ in range(count)),
         done_reason=done_reason,
@@ -1226,7 +1268,7 @@ class OllamaStandin:
     async def _decode(self, run: _Run, send: Send) -> Outcome:
         job = run.job
         # Drawn lazily: a long reply costs nothing up front.
-        token_stream = _token_stream(job.card.name, job.prompt, job.seed)
+        token_stream = _reply_stream(job.card.name, job.prompt, job.seed)
         tokens: list[str] = []
         fail_at = job.fault.after_tokens if job.fault is not None else None
         await self._acquire_model(job.card, job.keep_alive)

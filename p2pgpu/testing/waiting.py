@@ -27,3 +27,16 @@ async def wait_until(condition: Callable[[], object], timeout: float = 30.0, *, 
     except trio.TooSlowError as exc:
         raise trio.TooSlowError(f"timed out after {timeout} s waiting for {what}") from exc
     return time.monotonic() - start
+
+
+def poll_until(condition: Callable[[], object], timeout: float = 30.0, *, poll: float = 0.05,
+               what: str = "condition") -> object:
+    """``wait_until`` for tests that drive other processes from plain
+    threads: poll ``condition`` until it returns something truthy, and
+    return that. Raises ``AssertionError`` naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+    return value
