@@ -160,8 +160,8 @@ def _as_failure(exc: BaseException, json_output: bool) -> click.ClickException |
     group (trio's nurseries wrap what fails inside them, several layers
     deep): what its leaves are, when every leaf is one of ours or a Ctrl-C
     (the first error is the cause; the others, if any, followed from it).
-    Click's own errors keep their exit status; without --json a usage error
-    keeps click's usage text. Anything else is a bug: None, and it keeps its
+    Click's own errors keep their exit status (2 for a usage error) and
+    become one line too, naming the command's --help. Anything else is a bug: None, and it keeps its
     traceback.
     """
     if isinstance(exc, click.exceptions.Exit):
@@ -175,9 +175,10 @@ def _as_failure(exc: BaseException, json_output: bool) -> click.ClickException |
     if isinstance(exc, P2PGPUError):
         return _Failed(str(exc), code=_error_code(type(exc).__name__), exit_code=_exit_status(exc), json_output=json_output)
     if isinstance(exc, click.UsageError):
-        if not json_output:
-            return exc
-        return _Failed(exc.format_message(), code="usage_error", exit_code=exc.exit_code, json_output=True)
+        # one line like every other error, pointing at the help click would have printed
+        command = exc.ctx.command_path if exc.ctx is not None else "p2pgpu"
+        message = exc.format_message() if json_output else f"{exc.format_message()} (see `{command} --help`)"
+        return _Failed(message, code="usage_error", exit_code=exc.exit_code, json_output=json_output)
     if isinstance(exc, click.ClickException):
         return _Failed(exc.format_message(), exit_code=exc.exit_code, json_output=json_output)
     if isinstance(exc, BaseExceptionGroup):

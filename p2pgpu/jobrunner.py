@@ -68,6 +68,7 @@ from p2pgpu.core.jobs import (
 from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_WAIVER, ApplyResult, Ledger
 from p2pgpu.core.offers import normalize_model_name
 from p2pgpu.core.protocols import JOB_PROTOCOL
+from p2pgpu.core.units import format_coins
 from p2pgpu.errors import ExecutionFailed, P2PGPUError
 from p2pgpu.executor import Busy, Chunk, Finished, GenerationRequest, Message, ModelNotFound
 from p2pgpu.net import FrameStream, P2PHost
@@ -481,10 +482,10 @@ class ProviderService:
             entries = await self.replicator.append(
                 lambda ledger: ledger.claim(self.key, claim.hold_id, claim.voucher, self.now_ms()))
         except P2PGPUError as exc:
-            log.warning("claim of hold %s for %d failed: %s", claim.hold_id.hex()[:8], claim.amount, exc)
+            log.warning("claim of hold %s for %s coins failed: %s", claim.hold_id.hex()[:8], format_coins(claim.amount), exc)
             return False
         self.claims.extend(e.id for e in entries)
-        log.info("claimed %d from hold %s", claim.amount, claim.hold_id.hex()[:8])
+        log.info("claimed %s coins from hold %s", format_coins(claim.amount), claim.hold_id.hex()[:8])
         return True
 
 

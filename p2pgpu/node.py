@@ -965,12 +965,12 @@ class Node:
                         await self.replicator.append(
                             lambda ledger: ledger.claim(self.key, hold_id, kept.voucher, now_ms()))
                     except P2PGPUError as exc:
-                        log.warning("claim of hold %s for %d failed: %s; trying again later",
-                                    hold_id.hex()[:8], kept.amount, exc)
+                        log.warning("claim of hold %s for %s coins failed: %s; trying again later",
+                                    hold_id.hex()[:8], format_coins(kept.amount), exc)
                         plan = WaitUntil(min(kept.expiry_ms + 1, now_ms() + SETTLE_RETRY_MS))
                     else:
-                        log.info("claimed %d from hold %s of job %s, cut short by our stop",
-                                 kept.amount, hold_id.hex()[:8], job_id.hex()[:8])
+                        log.info("claimed %s coins from hold %s of job %s, cut short by our stop",
+                                 format_coins(kept.amount), hold_id.hex()[:8], job_id.hex()[:8])
                         plan = Claimed(kept.amount)
                 if isinstance(plan, WaitUntil):
                     next_at = plan.at_ms if next_at is None else min(next_at, plan.at_ms)

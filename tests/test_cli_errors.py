@@ -256,10 +256,13 @@ def test_with_json_every_error_is_one_json_object_on_stderr(runner, args, code, 
         assert plain.exit_code == exit_code and plain.stderr == f"error: {error['message']}\n"
 
 
-def test_without_json_usage_errors_keep_clicks_usage_text(runner):
-    result = runner.invoke(cli, ["send"], catch_exceptions=False)
+def test_without_json_usage_errors_are_one_line_naming_the_help(runner):
+    result = runner.invoke(cli, ["send"], catch_exceptions=False, prog_name="p2pgpu")
     assert result.exit_code == 2
-    assert result.stderr.startswith("Usage: ") and "Missing argument" in result.stderr
+    assert result.stderr.startswith("error: Missing argument") and result.stderr.count("\n") == 1
+    assert "`p2pgpu send --help`" in result.stderr
+    result = runner.invoke(cli, ["nosuchcmd"], catch_exceptions=False, prog_name="p2pgpu")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "`p2pgpu --help`" in result.stderr
 
 
 def test_exception_groups_are_reported_as_the_error_inside():

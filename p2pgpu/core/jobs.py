@@ -781,7 +781,7 @@ class ConsumerSession(_Machine):
         elif receipt.status != DONE:
             outcome = Failed("provider stopped the job", retryable=True, receipt=receipt, paid=self.paid)
         else:
-            log.info("job %s: completed, %d tokens, paid %d", self.job_id.hex()[:8], self.received, self.paid)
+            log.info("job %s: completed, %d tokens, paid %s coins", self.job_id.hex()[:8], self.received, format_coins(self.paid))
             outcome = Completed(receipt, self.paid)
         state, end = self._end(outcome)
         return state, actions + end
@@ -987,7 +987,7 @@ class ProviderSession(_Machine):
     def _claim(self) -> list[Action]:
         if self.voucher is None or self.request is None:
             return []
-        log.info("job %s: claiming %d", self.job_id.hex()[:8], self.paid)
+        log.info("job %s: claiming %s coins", self.job_id.hex()[:8], format_coins(self.paid))
         return [Claim(self.request.hold_id, self.voucher, self.paid)]
 
     def _waiver(self, reason: str, now_ms: int) -> bytes:
