@@ -22,9 +22,9 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 import ollama
@@ -173,8 +173,28 @@ def clamp_keep_alive(seconds: float | None) -> float:
     return min(float(seconds), MAX_KEEP_ALIVE_S)
 
 
+class Backend(Protocol):
+    """The seam between a provider and whatever runs its models: the real
+    ``OllamaBackend`` here, a scripted source in a simulator or a test.
+
+    ``models`` lists what is served (``ExecutionFailed`` when it cannot
+    tell); ``stream`` is an async context manager yielding an async
+    iterator of ``Chunk`` and, last, ``Finished``; leaving the block, early
+    or by cancellation, stops the generation. Failures are
+    ``ExecutionFailed`` (``ModelNotFound``, ``Busy``), raised before the
+    first event or while iterating.
+    """
+
+    @property
+    def host(self) -> str: ...
+
+    async def models(self) -> list[LocalModel]: ...
+
+    def stream(self, request: GenerationRequest) -> AbstractAsyncContextManager[AsyncIterator[Event]]: ...
+
+
 class OllamaBackend:
-    """The local Ollama, as the provider side of a node sees it."""
+    """The local Ollama, as the provider side of a node sees it (a ``Backend``)."""
 
     def __init__(
         self,

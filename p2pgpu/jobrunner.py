@@ -3,7 +3,10 @@
 ``ProviderService`` serves ``JOB_PROTOCOL``: one ``ProviderSession`` per
 stream, admission (model, prices, slots, the embedded hold), the backend's
 token stream fed into the session, pause/resume/stop, and the CLAIM.
-``run_job`` is the consumer: HOLD, request, stream, vouchers, RELEASE.
+``run_job`` is the consumer: HOLD, request, stream, vouchers; at the end
+it reports what it got (the provider's waiver, our last voucher) to the
+holds owner (``p2pgpu.holds``), which decides the RELEASE by the one rule
+in ``p2pgpu.core.settlement``.
 
 Shape of one job on either side (one trio nursery per stream):
 
@@ -31,6 +34,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -65,12 +69,14 @@ from p2pgpu.core.jobs import (
     job_cost,
     make_request,
 )
-from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_WAIVER, ApplyResult, Ledger
+from p2pgpu.core.ledger import ApplyResult, Ledger
 from p2pgpu.core.offers import normalize_model_name
 from p2pgpu.core.protocols import JOB_PROTOCOL
+from p2pgpu.core.settlement import OpenHold, ReleaseState
 from p2pgpu.core.units import format_coins
 from p2pgpu.errors import ExecutionFailed, P2PGPUError
-from p2pgpu.executor import Busy, Chunk, Finished, GenerationRequest, Message, ModelNotFound
+from p2pgpu.executor import Backend, Busy, Chunk, Finished, GenerationRequest, Message, ModelNotFound
+from p2pgpu.holds import Holds
 from p2pgpu.net import FrameStream, P2PHost
 from p2pgpu.replication import LedgerReplicator
 
@@ -79,6 +85,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ProviderService", "run_job", "JobResult", "JobStreamPool", "wall_ms"]
 
 NowMs = Callable[[], int]
+SettleHold = Callable[[OpenHold], Awaitable[ReleaseState]]  # ``Holds.job_ended``: report a job's end, get its hold's state
 DEFAULT_HOLD_MS = 300_000
 DEFAULT_CREDIT_WINDOW = 32
 REQUEST_CONTEXT_WINDOW_MS = 10_000  # entries older than this have long been announced
@@ -369,7 +376,7 @@ class ProviderService:
     claimed, the kept voucher may go.
     """
 
-    def __init__(self, host: P2PHost, replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, backend: Any,
+    def __init__(self, host: P2PHost, replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, backend: Backend,
                  *, prices: Prices, slots: int, now_ms: NowMs = wall_ms, models: Iterable[str] | None = None,
                  config: SessionConfig = SessionConfig(),
                  on_backend_failure: Callable[[ExecutionFailed], None] | None = None,
@@ -499,10 +506,12 @@ class JobResult:
     ``status``: "completed", "rejected" or "failed". ``cost``: the last
     voucher (what the provider may claim); once the hold is released, what
     the ledger paid the provider from it (less, if it crashed before it
-    kept our last voucher). ``release``: "released" (the
-    unclaimed part is back), "pending" (provider's claim not seen yet, or no
-    waiver: release later against the claim or after expiry). ``code``: the provider's reason
-    code when it rejected or failed the job (``R_BUSY``: it was full).
+    kept our last voucher). ``release``: what the holds owner made of the
+    hold as the job ended (``ReleaseState``): RELEASED (the unclaimed part
+    is back) or PENDING (the provider's claim not seen yet, or no waiver:
+    released later against the claim or after expiry). ``code``: the
+    provider's reason code when it rejected or failed the job (``R_BUSY``:
+    it was full).
     """
 
     status: str
@@ -515,7 +524,7 @@ class JobResult:
     job_id: bytes
     hold_id: bytes
     hold_amount: int
-    release: str
+    release: ReleaseState
     retryable: bool
     ttft_s: float | None
     tokens_per_s: float | None
@@ -609,15 +618,18 @@ async def run_job(
     cancel: trio.Event | None = None,
     job_id: bytes | None = None,
     streams: JobStreamPool | None = None,
+    settle: SettleHold | None = None,
 ) -> JobResult:
     """Run one job on ``provider_peer_id`` at ``offer_prices``; see ``JobResult``.
 
     Opens the stream first (so an unreachable provider costs no hold), then
     HOLDs ``job_cost(prices, max_prompt_tokens, max_tokens)``. After the end,
-    releases the unclaimed part: at once with the provider's waiver, else
-    after its CLAIM shows up on our ledger (waiting ``release_wait_s``; 0
-    returns "pending" at once, for a caller that settles holds itself as
-    the node does, woken by its ledger rather than polling).
+    reports what it got (the provider's waiver, our last voucher) to
+    ``settle`` (the node's ``Holds.job_ended``), which releases the
+    unclaimed part when the rule allows (at once with a waiver, else once
+    the provider's CLAIM shows up) and says whether it did. Without
+    ``settle``, a holds owner of its own does the same for this one hold,
+    looking for the provider's claim for up to ``release_wait_s``.
     Setting ``cancel`` cancels the job: the provider stops and sends a
     receipt for what it sent, and we pay exactly that (status "failed").
     Raises ``P2PGPUError`` only before the hold exists (unreachable provider,
@@ -662,9 +674,13 @@ async def run_job(
 
     outcome = job.outcome
     assert outcome is not None and job.release is not None
-    release = await _release(replicator, ledger, key, job.release, amount, release_wait_s, now_ms)
+    if settle is None:
+        settle = partial(Holds(ledger, replicator, key, now_ms=now_ms).job_ended, await_claim_s=release_wait_s)
+    ended = OpenHold(hold.id, provider_key, amount, hold.body.expiry_ms, job_id=job_id,  # type: ignore[union-attr]
+                     waiver=job.release.waiver, paid=job.release.paid)
+    release = await settle(ended)
     cost = session.paid
-    settled = ledger.hold_status(hold.id) if release == "released" else None
+    settled = ledger.hold_status(hold.id) if release is ReleaseState.RELEASED else None
     if settled is not None:
         cost = settled[0]
     code = None
@@ -774,29 +790,3 @@ class JobStreamPool:
             except Exception:  # noqa: BLE001 - it is going away either way
                 pass
 
-
-async def _release(replicator: LedgerReplicator, ledger: Ledger, key: NodeKey, hint: ReleaseHold,
-                   amount: int, wait_s: float, now_ms: NowMs) -> str:
-    """Take the unclaimed part of the hold back; "released" or "pending"
-    (``p2pgpu.core.settlement`` covers what "pending" still needs)."""
-    hold_id = hint.hold_id
-    if hint.waiver is not None:
-        basis, ref = BASIS_WAIVER, hint.waiver
-    elif hint.paid == 0:
-        return "pending"  # no waiver, nothing paid: only expiry (or a provider entry after it) frees it
-    else:
-        claims = ledger.claims_of(hold_id)
-        with trio.move_on_after(wait_s):
-            while not claims:
-                await trio.sleep(0.05)
-                claims = ledger.claims_of(hold_id)
-        if not claims:
-            log.debug("hold %s: the provider's claim is not here yet; release later", hold_id.hex()[:8])
-            return "pending"
-        basis, ref = BASIS_CLAIM, min(claims)  # as plan_release picks: any claim is valid, the smallest id is deterministic
-    try:
-        await replicator.append(lambda lg: lg.release(key, hold_id, basis, ref, now_ms()))
-    except P2PGPUError as exc:
-        log.warning("release of hold %s failed: %s", hold_id.hex()[:8], exc)
-        return "pending"
-    return "released"

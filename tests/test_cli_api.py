@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 from click.testing import CliRunner, Result
-from test_api import ALICE, BOB, CAROL, NETWORK_ID, FakeNodeView
+from p2pgpu.testing.fake_view import ALICE, BOB, CAROL, NETWORK_ID, FakeNodeView
 
 from p2pgpu import errors
 from p2pgpu.api import create_app, serve_api, write_api_address

@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from test_api import ALICE, BOB, CAROL, FakeNodeView, assert_error, auth
+from p2pgpu.testing.fake_view import ALICE, BOB, CAROL, FakeNodeView
+from test_api import assert_error, auth
 from test_cli_api import Node, running_node
 from test_submit_api import serving
 

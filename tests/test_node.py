@@ -123,7 +123,7 @@ async def test_offers_spread_fast_and_a_crashed_provider_vanishes(tmp_path):
         before = offer.seq
         await wait_for(lambda: all(live(n) and live(n)[0].seq > before for n in net.nodes), timeout=30)
         # each node records when it accepted each offer (same clock as the signer)
-        arrivals = [dict((seq, received - signed) for seq, signed, received in n._arrivals[offer.provider]) for n in net.nodes[1:]]
+        arrivals = [dict((seq, received - signed) for seq, signed, received in n.market.arrivals[offer.provider]) for n in net.nodes[1:]]
         common = set.intersection(*(set(a) for a in arrivals))
         assert common, "no offer reached every node"
         assert all(a[seq] >= 0 for a in arrivals for seq in common)  # accepted after it was signed

@@ -90,7 +90,7 @@ async def test_a_provider_killed_mid_stream_and_the_job_finishes_elsewhere(tmp_p
 
         # make the slow stand-in the first choice: the other provider is "recently failed"
         fast = next(p for p in providers if p.config.ollama_host == second.host)
-        consumer.history.record_failure(fast.key.public_key, now_ms(), "warm-up")
+        consumer.consumer.history.record_failure(fast.key.public_key, now_ms(), "warm-up")
         events = await collect(consumer, SubmitRequest(model=MODEL, prompt="tell me a story", max_tokens=30),
                                crash_the_first_after_a_few_tokens)
         kinds = [e["type"] for e in events]

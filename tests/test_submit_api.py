@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from test_api import BOB, CAROL, HTTP_TIMEOUT, TOKEN, FakeNodeView, assert_error, auth
+from p2pgpu.testing.fake_view import BOB, CAROL, TOKEN, FakeNodeView
+from test_api import HTTP_TIMEOUT, assert_error, auth
 from test_cli_api import Node, running_node
 
 from p2pgpu.api import MAX_PROMPT_BYTES, NodeView, SubmitRequest, create_app, serve_api

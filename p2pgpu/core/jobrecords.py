@@ -43,14 +43,15 @@ from p2pgpu.core.codec import (
 from p2pgpu.core.identity import PUBLIC_KEY_SIZE, peer_id_from_public_key
 from p2pgpu.core.ledger import HOLD, MAX_AMOUNT, MAX_ENTRY_SIZE, Entry, Hold, decode_entry
 from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS
+from p2pgpu.core.settlement import ReleaseState
 from p2pgpu.errors import AmbiguousJobId, JobStateConflict, MalformedInput, UnknownJob
 
 __all__ = [
     "CONSUMER", "PROVIDER", "ROLES",
     "QUEUED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "REJECTED", "STATUSES", "FINAL", "TRANSITIONS",
-    "RELEASES", "MAX_ATTEMPTS", "MAX_REASON_CHARS", "MAX_TEXT_CHARS", "MAX_RECORD_BYTES",
+    "RELEASES", "ReleaseState", "MAX_ATTEMPTS", "MAX_REASON_CHARS", "MAX_TEXT_CHARS", "MAX_RECORD_BYTES",
     "Attempt", "JobRecord", "KeptVoucher", "advance", "check_cancellable", "job_info", "parse_job_ref", "match_job",
-    "settle_attempt", "served_pay",
+    "settle_attempt", "served_pay", "start_attempt", "end_attempt",
     "cut_text", "encode_text", "decode_text",
 ]
 
@@ -68,10 +69,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     **{status: frozenset() for status in FINAL},
 }
 
-# What became of a job's hold, as the consumer sees it: "" (no hold yet),
-# "released" (the unclaimed rest is back), "pending" (to be released once
-# the provider's claim shows up or the hold expires).
-RELEASES = frozenset({"", "released", "pending"})
+# What became of a job's hold, as the consumer sees it (``ReleaseState``):
+# "" (no hold yet), "released" (the unclaimed rest is back), "pending" (to
+# be released once the provider's claim shows up or the hold expires).
+RELEASES = frozenset(ReleaseState)
 
 INTERRUPTED = "interrupted: the node stopped while the job ran"
 
@@ -98,7 +99,7 @@ class Attempt:
     started_ms: int
     outcome: str = ""  # "" while it runs; then "completed", "busy", or why it failed
     hold_id: bytes | None = None
-    release: str = ""
+    release: ReleaseState = ReleaseState.NONE
     # What this attempt costs us: the last voucher we signed for its hold
     # until the hold is settled, then what the provider was paid from it.
     # None when unknown (records written before this field).
@@ -118,10 +119,9 @@ class Attempt:
         check_str(outcome, "attempt outcome", MAX_REASON_CHARS)
         if hold_id is not None:
             check_bytes(hold_id, "attempt hold id", size=HOLD_ID_SIZE)
-        _check_release(release)
         if paid is not None:
             check_int(paid, "attempt paid", 0, MAX_INT)
-        return cls(provider, started, outcome, hold_id, release, paid)
+        return cls(provider, started, outcome, hold_id, _check_release(release), paid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ class JobRecord:
     tokens_out: int = 0
     cost: int = 0
     hold_id: bytes | None = None
-    release: str = ""
+    release: ReleaseState = ReleaseState.NONE
     reason: str = ""
     attempts: tuple[Attempt, ...] = ()
     text_chars: int = 0
@@ -205,7 +205,7 @@ class JobRecord:
         check_int(cost, "cost", 0, MAX_INT)
         if hold_id is not None:
             check_bytes(hold_id, "hold id", size=HOLD_ID_SIZE)
-        _check_release(release)
+        release = _check_release(release)
         check_str(reason, "reason", MAX_REASON_CHARS)
         tried = tuple(Attempt.from_wire(a) for a in check_list(attempts, "attempts", max_len=MAX_ATTEMPTS))
         text_chars, text_cut = check_list(text, "text facts", length=2)
@@ -269,9 +269,10 @@ class KeptVoucher:
         return cls(job_id, model, hold, voucher)
 
 
-def _check_release(release: Any) -> None:
-    if release not in RELEASES:
+def _check_release(release: Any) -> ReleaseState:
+    if not isinstance(release, str) or release not in RELEASES:
         raise MalformedInput(f"job record: unknown release state {release!r}")
+    return ReleaseState(release)
 
 
 # ------------------------------------------------------------ transitions
@@ -330,11 +331,41 @@ def settle_attempt(record: JobRecord, hold_id: bytes, payout: int) -> JobRecord:
         if attempt.hold_id == hold_id:
             if attempt.paid is not None:
                 delta += payout - attempt.paid
-            attempt = replace(attempt, release="released", paid=payout)
+            attempt = replace(attempt, release=ReleaseState.RELEASED, paid=payout)
         attempts.append(attempt)
     changes: dict[str, Any] = {"attempts": tuple(attempts), "cost": max(0, record.cost + delta)}
     if record.hold_id == hold_id:
-        changes["release"] = "released"
+        changes["release"] = ReleaseState.RELEASED
+    return replace(record, **changes)
+
+
+def start_attempt(record: JobRecord, provider: bytes, now_ms: int) -> JobRecord:
+    """A consumer's ``record`` as a new attempt on ``provider`` begins: running there."""
+    return advance(record, RUNNING, now_ms, provider=provider, attempts=(*record.attempts, Attempt(provider, now_ms)))
+
+
+def end_attempt(record: JobRecord, note: str, *, hold_id: bytes | None = None, release: Any = "",
+                paid: int | None = None, cost: int | None = None, tokens_out: int | None = None,
+                tokens_in: int | None = None) -> JobRecord:
+    """A consumer's ``record`` as its last attempt ends with ``note``
+    ("completed", "busy", or why it failed). An attempt that got as far as
+    a hold (``hold_id``) also says what became of it and what it costs us
+    (``paid``: its last voucher), and the job takes its totals so far
+    (``cost``, ``tokens_out``; ``tokens_in`` when a receipt said). The
+    status is left as it is: what comes next is the caller's to say."""
+    if not record.attempts:
+        return record
+    last = replace(record.attempts[-1], outcome=note[:MAX_REASON_CHARS], hold_id=hold_id,
+                   release=_check_release(str(release)), paid=paid)
+    changes: dict[str, Any] = {"attempts": (*record.attempts[:-1], last)}
+    if hold_id is not None:
+        changes.update(hold_id=hold_id, release=last.release)
+    if cost is not None:
+        changes["cost"] = cost
+    if tokens_out is not None:
+        changes["tokens_out"] = tokens_out
+    if tokens_in is not None:
+        changes["tokens_in"] = tokens_in
     return replace(record, **changes)
 
 
@@ -407,11 +438,11 @@ def job_info(record: JobRecord, now_ms: int) -> dict[str, Any]:
         "tokens_out": record.tokens_out,
         "cost": record.cost,
         "hold_id": None if record.hold_id is None else record.hold_id.hex(),
-        "release": record.release or None,
+        "release": str(record.release) or None,  # the enum's plain string, as the API has always said
         "reason": record.reason,
         "attempts": [
             {"provider": _peer(a.provider), "started_ms": a.started_ms, "outcome": a.outcome,
-             "hold_id": None if a.hold_id is None else a.hold_id.hex(), "release": a.release or None,
+             "hold_id": None if a.hold_id is None else a.hold_id.hex(), "release": str(a.release) or None,
              "paid": a.paid}
             for a in record.attempts
         ],

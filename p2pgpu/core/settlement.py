@@ -3,24 +3,36 @@
 Theory of operation
 -------------------
 A consumer's job ends with a RELEASE of its hold (DESIGN §5, rules 3 and 4).
-The job runner releases at once when the provider waived the hold or when
-its CLAIM shows up within a few seconds; otherwise the hold is left
-*pending* and the node's settling task finishes it later with
-``plan_release``, which picks the first basis the ledger will accept:
+This module is the one rule for it; the node's holds owner
+(``p2pgpu.holds``) reads the ledger and the clock, asks ``plan_release``,
+and appends what it says. The job runner decides nothing: when a job ends
+it only reports what it got (``OpenHold.waiver``: the provider's signed
+waiver, if it gave one; ``OpenHold.paid``: our last voucher, the claim it
+hints at). ``plan_release`` picks the first basis the ledger will accept:
 
-1. the provider's CLAIM is on our ledger -> ``BASIS_CLAIM`` naming it
+1. the provider waived the hold (it rejected the job, or ended it before
+   anything was owed) -> ``BASIS_WAIVER`` with the waiver (refund = all);
+2. the provider's CLAIM is on our ledger -> ``BASIS_CLAIM`` naming it
    (refund = hold - claimed); a claim can arrive any time up to expiry;
-2. the hold has expired and we hold a provider entry stamped after the
+3. the hold has expired and we hold a provider entry stamped after the
    expiry -> ``BASIS_PROVIDER_ENTRY`` naming it (rule 2 says no valid
    claim can follow; the ledger checks none came before);
-3. expiry plus the network's release grace has passed -> ``BASIS_TIMEOUT``
+4. expiry plus the network's release grace has passed -> ``BASIS_TIMEOUT``
    (the provider vanished);
-4. otherwise wait: until expiry, or until the grace is over. New entries
+5. otherwise wait: until expiry, or until the grace is over. New entries
    on the ledger (a claim, a provider entry) can change the answer sooner,
-   so the node plans again whenever it applies some.
+   so the owner plans again whenever it applies some. While the hold has
+   not expired and we paid the provider something (``paid > 0``), its
+   CLAIM is due any moment (a provider claims as the job ends), so the
+   wait is an ``AwaitClaim``: worth watching the ledger closely for.
 
-``not_before_ms`` keeps the task away from a hold whose job may still be
-settling it itself (the job runner's own release would race ours).
+``not_before_ms`` keeps the rule away from a hold whose job still runs
+(from the HOLD until the job reports its end, or the hold expires if it
+never does: a job cut short by our own stop): releasing against an early
+claim, or on a waiver, mid-job would end the job's payment under it.
+
+What became of a hold, as job records and results show it, is a
+``ReleaseState`` (the strings are the API's: "", "pending", "released").
 
 The provider's side, ``plan_claim``: a job cut short by the provider's own
 crash or stop left its newest *kept* voucher in the job store (the window
@@ -34,12 +46,26 @@ Pure module: no I/O; time is a parameter.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_PROVIDER_ENTRY, BASIS_TIMEOUT
+from p2pgpu.core.ledger import BASIS_CLAIM, BASIS_PROVIDER_ENTRY, BASIS_TIMEOUT, BASIS_WAIVER
 
-__all__ = ["OpenHold", "ReleaseNow", "WaitUntil", "plan_release", "ClaimNow", "Claimed", "PayLost", "plan_claim"]
+__all__ = [
+    "ReleaseState", "OpenHold", "ReleaseNow", "WaitUntil", "AwaitClaim", "plan_release",
+    "ClaimNow", "Claimed", "PayLost", "plan_claim",
+]
+
+
+class ReleaseState(enum.StrEnum):
+    """What became of a consumer's hold, as its job record, the job's
+    result and the local API show it. A ``StrEnum`` so the API's JSON and
+    the stored records keep the same strings."""
+
+    NONE = ""  # no hold yet, or its job has not ended
+    PENDING = "pending"  # to be released once the provider's claim shows up or the hold expires
+    RELEASED = "released"  # the unclaimed rest is back
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +76,10 @@ class OpenHold:
     provider: bytes
     amount: int
     expiry_ms: int
-    not_before_ms: int = 0  # do nothing before this (its job may still release it)
+    not_before_ms: int = 0  # do nothing before this: its job may still run
+    job_id: bytes | None = None  # the job it pays for (the HOLD entry names it)
+    waiver: bytes | None = None  # the provider's signed waiver, reported by the job as it ended
+    paid: int = 0  # our last voucher for it, reported by the job as it ended: what a claim will be
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +97,13 @@ class WaitUntil:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class AwaitClaim(WaitUntil):
+    """A ``WaitUntil`` whose provider's CLAIM is due any moment (we paid it
+    something and the hold has not expired): a caller that cannot be woken
+    by the ledger may poll for it a little while instead."""
+
+
 def plan_release(
     hold: OpenHold,
     *,
@@ -77,7 +113,8 @@ def plan_release(
     released: bool,
     provider_entry_after_expiry: bytes | None = None,
 ) -> ReleaseNow | WaitUntil | None:
-    """What to do about ``hold`` now; None once it is released.
+    """What to do about ``hold`` now; None once it is released. The
+    bases, in order, are the module docstring's list.
 
     ``claims``: the provider's CLAIMs of the hold on our ledger (id ->
     amount). ``provider_entry_after_expiry``: the id of a provider entry
@@ -87,10 +124,16 @@ def plan_release(
         return None
     if now_ms < hold.not_before_ms:
         return WaitUntil(hold.not_before_ms)
+    if hold.waiver is not None:
+        # Refunds all. A provider that also claimed has signed two things
+        # that contradict each other; the ledger freezes it for that.
+        return ReleaseNow(BASIS_WAIVER, hold.waiver)
     if claims:
         return ReleaseNow(BASIS_CLAIM, min(claims))  # any claim is valid; the smallest id is deterministic
     if now_ms <= hold.expiry_ms:
-        return WaitUntil(hold.expiry_ms + 1)
+        # Nothing paid, no waiver: no claim can come (a claim needs a
+        # voucher), so only expiry frees it.
+        return AwaitClaim(hold.expiry_ms + 1) if hold.paid > 0 else WaitUntil(hold.expiry_ms + 1)
     if provider_entry_after_expiry is not None:
         return ReleaseNow(BASIS_PROVIDER_ENTRY, provider_entry_after_expiry)
     timeout_at = hold.expiry_ms + release_grace_ms + 1  # the ledger wants strictly after expiry + grace
