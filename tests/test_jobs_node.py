@@ -11,80 +11,17 @@ from __future__ import annotations
 import trio
 
 from p2pgpu.api import SubmitRequest
-from p2pgpu.config import NodeConfig
-from p2pgpu.core.genesis import Genesis, LedgerParams
+from p2pgpu.core.genesis import LedgerParams
 from p2pgpu.core.jobrecords import CANCELLED, COMPLETED, CONSUMER, FAILED, PROVIDER
 from p2pgpu.core.jobs import Prices, job_cost
 from p2pgpu.core.ledger import BASIS_TIMEOUT, HOLD
 from p2pgpu.node import Node
 from p2pgpu.testing.ollama_standin import serve_standin
-from test_node import Network, first_loopback, live, wait_for
-from test_submit import collect
+from p2pgpu.testing.nodes import LocalNetwork, collect, live, settled, tokens_seen
+from p2pgpu.testing.waiting import wait_until as wait_for
 
 MODEL = "llama3.2:1b"
 DEADLINE = 60.0  # seconds: for a loaded two-core machine
-
-
-class Net(Network):
-    """``test_node.Network`` with this test's ledger parameters, and nodes
-    whose end can be awaited (so a data dir can be opened again)."""
-
-    def __init__(self, root, count: int, params: LedgerParams = LedgerParams(), *, queue_timeout_s: float = 120.0):
-        super().__init__(root, count)
-        self.genesis = Genesis("jobstest", self.genesis.created_ms, self.genesis.faucet, self.genesis.allocations,
-                               params)
-        (root / "genesis.json").write_text(self.genesis.to_json())
-        self.queue_timeout_s = queue_timeout_s
-        self.ended: dict[int, trio.Event] = {}
-
-    def config(self, index: int, bootstrap: tuple[str, ...], ollama_host: str | None) -> NodeConfig:
-        config = super().config(index, bootstrap, ollama_host)
-        return NodeConfig(**{**{f: getattr(config, f) for f in config.__slots__},
-                             "queue_timeout_s": self.queue_timeout_s})
-
-    async def start(self, nursery, index: int, ollama_host: str | None = None) -> Node:
-        others = [n for i, n in enumerate(self.nodes) if i != index and not self.ended[i].is_set()]
-        bootstrap = (first_loopback(others[0].host.listen_addrs()),) if others else ()
-        node = Node(self.config(index, bootstrap, ollama_host))
-        scope = trio.CancelScope()
-        ended = trio.Event()
-
-        async def run(task_status=trio.TASK_STATUS_IGNORED):
-            try:
-                with scope:
-                    await node.run(task_status=task_status)
-            finally:
-                ended.set()
-
-        await nursery.start(run)
-        if index < len(self.nodes):  # a restart: same slot
-            self.nodes[index], self.scopes[index] = node, scope
-        else:
-            self.nodes.append(node)
-            self.scopes.append(scope)
-        self.ended[index] = ended
-        return node
-
-    async def stop(self, index: int) -> None:
-        self.nodes[index].stop()
-        with trio.fail_after(DEADLINE):
-            await self.ended[index].wait()
-
-    async def stop_all(self) -> None:
-        for index in range(len(self.nodes)):
-            if not self.ended[index].is_set():
-                await self.stop(index)
-
-
-
-
-def tokens_seen(events: list[dict]) -> int:
-    return sum(1 for e in events if e["type"] == "token")
-
-
-def settled(nodes: list[Node]) -> bool:
-    return len({n.ledger.state_hash() for n in nodes}) == 1 and all(
-        n.ledger.account(m.key.public_key).held == 0 for n in nodes for m in nodes)
 
 
 def balance(node: Node, of: Node) -> int:
@@ -96,7 +33,7 @@ def balance(node: Node, of: Node) -> int:
 
 async def test_cancel_stops_both_sides_and_pays_only_for_what_was_sent(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=20) as standin, trio.open_nursery() as nursery:
-        net = Net(tmp_path, 2)
+        net = LocalNetwork(tmp_path, 2)
         provider = await net.start(nursery, 0, standin.host)
         consumer = await net.start(nursery, 1)
         await wait_for(lambda: live(consumer), timeout=DEADLINE, what="the provider's offer")
@@ -188,7 +125,7 @@ async def _fill(node: Node, request: SubmitRequest, events: list[dict]) -> None:
 
 async def test_eight_jobs_over_two_one_slot_providers_all_complete_and_each_is_paid_once(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=200) as standin, trio.open_nursery() as nursery:
-        net = Net(tmp_path, 3)
+        net = LocalNetwork(tmp_path, 3)
         providers = [await net.start(nursery, 0, standin.host), await net.start(nursery, 1, standin.host)]
         consumer = await net.start(nursery, 2)
         await wait_for(lambda: len(live(consumer)) == 2, timeout=DEADLINE, what="both offers")
@@ -264,7 +201,7 @@ async def test_eight_jobs_over_two_one_slot_providers_all_complete_and_each_is_p
 
 async def test_a_job_that_finds_no_free_slot_in_time_says_so(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=10) as standin, trio.open_nursery() as nursery:
-        net = Net(tmp_path, 2, queue_timeout_s=1.0)
+        net = LocalNetwork(tmp_path, 2, queue_timeout_s=1.0)
         await net.start(nursery, 0, standin.host)
         consumer = await net.start(nursery, 1)
         await wait_for(lambda: live(consumer), timeout=DEADLINE, what="the provider's offer")
@@ -290,7 +227,7 @@ SHORT_HOLDS = LedgerParams(max_clock_skew_ms=60_000, release_grace_ms=1_000, max
 
 async def test_a_hold_left_pending_by_a_vanished_provider_is_released_later(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=20) as standin, trio.open_nursery() as nursery:
-        net = Net(tmp_path, 2, SHORT_HOLDS)
+        net = LocalNetwork(tmp_path, 2, SHORT_HOLDS)
         await net.start(nursery, 0, standin.host)
         consumer = await net.start(nursery, 1)
         await wait_for(lambda: live(consumer), timeout=DEADLINE, what="the provider's offer")
@@ -325,7 +262,7 @@ async def test_a_hold_left_pending_by_a_vanished_provider_is_released_later(tmp_
 
 async def test_a_hold_open_when_the_consumer_crashed_is_released_after_a_restart(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=20) as standin, trio.open_nursery() as nursery:
-        net = Net(tmp_path, 2, SHORT_HOLDS)
+        net = LocalNetwork(tmp_path, 2, SHORT_HOLDS)
         provider = await net.start(nursery, 0, standin.host)
         consumer = await net.start(nursery, 1)
         await wait_for(lambda: live(consumer), timeout=DEADLINE, what="the provider's offer")

@@ -17,86 +17,22 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pgpu.config import NodeConfig
 from p2pgpu.core.codec import Tag, pack, sign_object
-from p2pgpu.core.genesis import Genesis, LedgerParams
 from p2pgpu.core.hardware import HardwareReport
-from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.ledger import SEND, parse_entry
 from p2pgpu.core.offers import ModelOffer, make_offer
 from p2pgpu.core.protocols import ledger_topic, offers_topic
-from p2pgpu.datadir import DataDir
 from p2pgpu.net import GossipConfig, open_host
 from p2pgpu.node import Node, now_ms
+from p2pgpu.testing.nodes import MALLORY, LocalNetwork, first_loopback, live
 from p2pgpu.testing.ollama_standin import serve_standin
 from p2pgpu.testing.waiting import wait_until as wait_for
-
-HEARTBEAT_S = 0.5
-TTL_S = 2.0
-MALLORY = NodeKey(b"m" * 32)
-
-
-
-
-def first_loopback(addrs: list[str]) -> str:
-    return next(a for a in addrs if "/127.0.0.1/" in a)
-
-
-class Network:
-    def __init__(self, root: Path, count: int) -> None:
-        self.root = root
-        self.keys = []
-        for index in range(count):
-            data_dir = DataDir(root / f"node{index}")
-            data_dir.ensure()
-            self.keys.append(data_dir.load_or_create_key(create=True))
-        self.genesis = Genesis(
-            "nodetest", now_ms(), self.keys[0].public_key,
-            tuple(sorted([(k.public_key, 10**9) for k in self.keys] + [(MALLORY.public_key, 10**9)])),
-            LedgerParams(),
-        )
-        (root / "genesis.json").write_text(self.genesis.to_json())
-        self.nodes: list[Node] = []
-        self.scopes: list[trio.CancelScope] = []
-
-    def config(self, index: int, bootstrap: tuple[str, ...], ollama_host: str | None) -> NodeConfig:
-        return NodeConfig(
-            data_dir=self.root / f"node{index}",
-            listen="/ip4/127.0.0.1/tcp/0",
-            bootstrap=bootstrap,
-            genesis=self.root / "genesis.json",
-            ollama_host=ollama_host or "http://127.0.0.1:9",
-            provide=ollama_host is not None,
-            offer_cpu=True,
-            heartbeat_s=HEARTBEAT_S,
-            offer_ttl_s=TTL_S,
-            sync_interval_s=1.0,
-        )
-
-    async def start(self, nursery, index: int, ollama_host: str | None = None) -> Node:
-        bootstrap = (first_loopback(self.nodes[0].host.listen_addrs()),) if self.nodes else ()
-        node = Node(self.config(index, bootstrap, ollama_host))
-        scope = trio.CancelScope()
-
-        async def run(task_status=trio.TASK_STATUS_IGNORED):
-            with scope:
-                await node.run(task_status=task_status)
-
-        await nursery.start(run)
-        self.nodes.append(node)
-        self.scopes.append(scope)
-        return node
-
-    def crash(self, index: int) -> None:
-        """Cancel a node without a withdrawal: what a killed process looks like."""
-        self.scopes[index].cancel()
-
 
 @asynccontextmanager
 async def network(tmp_path: Path, count: int = 5):
     async with serve_standin(models=("llama3.2:1b", "qwen2.5:0.5b"), tokens_per_second=None) as standin:
         async with trio.open_nursery() as nursery:
-            net = Network(tmp_path, count)
+            net = LocalNetwork(tmp_path, count)
             net.standin = standin
             await net.start(nursery, 0, standin.host)
             for index in range(1, count):
@@ -106,10 +42,6 @@ async def network(tmp_path: Path, count: int = 5):
             yield net
             for node in net.nodes:
                 node.stop()
-
-
-def live(node: Node) -> list:
-    return node.book.live(now_ms())
 
 
 async def test_offers_spread_fast_and_a_crashed_provider_vanishes(tmp_path):
@@ -172,7 +104,7 @@ async def test_bad_offers_are_delivered_nowhere(tmp_path):
 
 async def test_ledger_entries_reach_every_node_and_a_late_node_catches_up(tmp_path):
     async with serve_standin(models=("llama3.2:1b",)) as standin, trio.open_nursery() as nursery:
-        net = Network(tmp_path, 5)
+        net = LocalNetwork(tmp_path, 5)
         await net.start(nursery, 0, standin.host)
         for index in range(1, 4):
             await net.start(nursery, index)
@@ -235,7 +167,7 @@ async def test_a_node_without_a_gpu_says_why_it_offers_nothing(tmp_path):
         pytest.skip("this machine has a GPU: the node offers it")
     async with serve_standin(models=("llama3.2:1b",), tokens_per_second=None) as standin, \
             trio.open_nursery() as nursery:
-        net = Network(tmp_path, 1)
+        net = LocalNetwork(tmp_path, 1)
         config = replace(net.config(0, (), standin.host), offer_cpu=False)
         node = Node(config)
         await nursery.start(node.run)

@@ -1,6 +1,6 @@
 """Issue 9 item 2: a provider that crashes keeps its pay.
 
-In one process first (``test_jobs_node.Net``: real hosts, real LevelDB, the
+In one process first (``p2pgpu.testing.nodes.LocalNetwork``: real hosts, real LevelDB, the
 stand-in; a "crash" cancels the node without a goodbye): the voucher the
 provider kept is on disk after the crash and is exactly what it claims when
 it comes back; come back after the hold expired, it records the pay as lost
@@ -42,15 +42,16 @@ from p2pgpu.node import now_ms
 from p2pgpu.testing.devnet import COINS_PER_NODE, Devnet, pid_alive
 from p2pgpu.testing.ollama_standin import serve_standin
 from p2pgpu.testing.waiting import poll_until
-from test_jobs_node import DEADLINE, Net, _fill, settled, tokens_seen
-from test_node import live, wait_for
+from p2pgpu.testing.nodes import LocalNetwork, live, settled, tokens_seen
+from p2pgpu.testing.waiting import wait_until as wait_for
+from test_jobs_node import DEADLINE, _fill
 
 MODEL = "llama3.2:1b"
 LONG = 5_000  # tokens in the stand-in's replies: the jobs are cut short long before
 SHORT_HOLDS = LedgerParams(max_clock_skew_ms=60_000, release_grace_ms=1_000, max_hold_ms=6_000)
 
 
-async def _crash_mid_job(net: Net, nursery, standin, tokens: int) -> tuple[bytes, object, KeptVoucher]:
+async def _crash_mid_job(net: LocalNetwork, nursery, standin, tokens: int) -> tuple[bytes, object, KeptVoucher]:
     """Start a provider and a consumer, run a job until the consumer has
     ``tokens`` tokens, crash the provider; returns the job id, the hold and
     the voucher the provider had kept on disk."""
@@ -76,7 +77,7 @@ async def _crash_mid_job(net: Net, nursery, standin, tokens: int) -> tuple[bytes
 async def test_the_voucher_kept_on_disk_is_what_the_restarted_provider_claims(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=40, default_length=LONG) as standin, \
             trio.open_nursery() as nursery:
-        net = Net(tmp_path, 2)
+        net = LocalNetwork(tmp_path, 2)
         job_id, hold, kept = await _crash_mid_job(net, nursery, standin, tokens=2 * DEFAULT_CREDIT_WINDOW)
         consumer = net.nodes[1]
         signed = consumer.job_store.get(job_id).attempts[-1].paid  # our last voucher, before the claim
@@ -96,7 +97,7 @@ async def test_the_voucher_kept_on_disk_is_what_the_restarted_provider_claims(tm
 async def test_a_provider_back_after_the_hold_expired_records_its_pay_as_lost(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=40, default_length=LONG) as standin, \
             trio.open_nursery() as nursery:
-        net = Net(tmp_path, 2, SHORT_HOLDS)
+        net = LocalNetwork(tmp_path, 2, SHORT_HOLDS)
         job_id, hold, kept = await _crash_mid_job(net, nursery, standin, tokens=DEFAULT_CREDIT_WINDOW)
         consumer = net.nodes[1]
         await wait_for(lambda: now_ms() > kept.expiry_ms, timeout=DEADLINE, what="the hold to expire")

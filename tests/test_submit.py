@@ -13,18 +13,10 @@ from p2pgpu.api import SubmitRequest
 from p2pgpu.errors import ExecutionFailed, InsufficientFunds
 from p2pgpu.testing.ollama_standin import expected_completion, serve_standin
 from p2pgpu.node import now_ms
-from test_node import Network, live, wait_for
+from p2pgpu.testing.nodes import LocalNetwork, collect, live
+from p2pgpu.testing.waiting import wait_until as wait_for
 
 MODEL = "llama3.2:1b"
-
-
-async def collect(node, request: SubmitRequest, on_event=None) -> list[dict]:
-    events = []
-    async for event in node.submit(request):
-        events.append(event)
-        if on_event is not None:
-            await on_event(event)
-    return events
 
 
 def settled(net) -> bool:
@@ -34,7 +26,7 @@ def settled(net) -> bool:
 
 async def test_a_job_streams_the_providers_tokens_and_pays_exactly_the_receipt(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=None) as standin, trio.open_nursery() as nursery:
-        net = Network(tmp_path, 3)
+        net = LocalNetwork(tmp_path, 3)
         provider = await net.start(nursery, 0, standin.host)
         consumer = await net.start(nursery, 1)
         await net.start(nursery, 2)
@@ -71,7 +63,7 @@ async def test_a_job_streams_the_providers_tokens_and_pays_exactly_the_receipt(t
 async def test_a_provider_killed_mid_stream_and_the_job_finishes_elsewhere(tmp_path):
     async with serve_standin(models=(MODEL,), tokens_per_second=40) as first, \
             serve_standin(models=(MODEL,), tokens_per_second=None) as second, trio.open_nursery() as nursery:
-        net = Network(tmp_path, 3)
+        net = LocalNetwork(tmp_path, 3)
         providers = [await net.start(nursery, 0, first.host), await net.start(nursery, 1, second.host)]
         consumer = await net.start(nursery, 2)
         await wait_for(lambda: len(live(consumer)) == 2)
