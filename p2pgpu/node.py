@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Any, AsyncIterator
 
 import trio
@@ -45,7 +44,7 @@ from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.identity import peer_id_from_public_key, public_key_from_peer_id
 from p2pgpu.core.ledger import SEND, Entry, Ledger, StatementLine
 from p2pgpu.core.jobrecords import (
-    CONSUMER, PROVIDER, RUNNING, JobRecord, advance, check_cancellable, cut_text, job_info, served_outcome, served_pay,
+    CONSUMER, PROVIDER, JobRecord, check_cancellable, cut_text, job_info, served_outcome, served_pay, served_record,
     settle_attempt,
 )
 from p2pgpu.core.jobs import Prices, ProviderState
@@ -219,7 +218,7 @@ class Node:
         while True:
             await self._incoming.wait()
             self._incoming = trio.Event()
-            if self.ledger.receivable(self.key.public_key) and self.ledger.frozen().get(self.key.public_key) is None:
+            if self.ledger.can_take_in(self.key.public_key):
                 try:
                     taken = await self.replicator.append(lambda ledger: ledger.receive_all(self.key, now_ms()))
                     log.info("took in %d incoming send(s)", len(taken))
@@ -337,19 +336,14 @@ class Node:
         request = session.request
         if request is None or self.job_store is None:
             return  # no valid request ever came: nothing to remember
-        now = now_ms()
-        old = self.job_store.get(request.job_id)
-        running = old is not None and old.role == PROVIDER and old.status == RUNNING
-        base = old if running else JobRecord(
-            request.job_id, PROVIDER, RUNNING, request.model, request.consumer, self.key.public_key, now,
-            started_ms=now, hold_id=request.hold_id)
-        facts: dict[str, Any] = {"tokens_out": session.sent, "cost": session.paid, "tokens_in": served.prompt_tokens}
-        if session.state is not ProviderState.DONE:  # accepted, generating
-            self._save(replace(base, **facts))
-            return
-        status, reason = served_outcome(accepted=served.accepted, outcome=served.outcome,
-                                        cancelled=session.cancelled, finished=served.prompt_tokens is not None)
-        self._save(advance(base, status, now, reason=reason, **facts))
+        ended = None
+        if session.state is ProviderState.DONE:
+            ended = served_outcome(accepted=served.accepted, outcome=served.outcome,
+                                   cancelled=session.cancelled, finished=served.prompt_tokens is not None)
+        self._save(served_record(
+            self.job_store.get(request.job_id), job_id=request.job_id, model=request.model,
+            consumer=request.consumer, provider=self.key.public_key, hold_id=request.hold_id, now_ms=now_ms(),
+            tokens_out=session.sent, cost=session.paid, tokens_in=served.prompt_tokens, ended=ended))
 
     # --- what the holds owner reports back, into the job records (p2pgpu.holds)
 

@@ -39,6 +39,7 @@ from p2pgpu.core.jobrecords import (
     parse_job_ref,
     served_outcome,
     served_pay,
+    served_record,
     settle_attempt,
 )
 from p2pgpu.core.kv import MemoryStore
@@ -383,3 +384,17 @@ def test_a_served_job_cut_short_costs_what_was_claimed_or_says_its_pay_was_lost(
     assert (rebuilt.job_id, rebuilt.role, rebuilt.status, rebuilt.cost, rebuilt.hold_id, rebuilt.provider) == (
         kept.job_id, PROVIDER, FAILED, 70, kept.hold_id, BOB)
     assert rebuilt.consumer == kept.hold.author and rebuilt.model == "llama3.2:1b"
+
+
+def test_a_served_job_record_runs_then_ends_and_never_inherits_another_jobs_history():
+    job = b"j" * 16
+    facts = dict(job_id=job, model="llama3.2:1b", consumer=ALICE, provider=BOB, hold_id=b"h" * 32)
+    accepted = served_record(None, **facts, now_ms=T0, tokens_out=0, cost=0, tokens_in=None, ended=None)
+    assert (accepted.role, accepted.status, accepted.started_ms, accepted.hold_id) == (PROVIDER, RUNNING, T0, b"h" * 32)
+    ended = served_record(accepted, **facts, now_ms=T0 + 5, tokens_out=12, cost=40, tokens_in=7,
+                          ended=served_outcome(accepted=True, outcome="", cancelled=False, finished=True))
+    assert (ended.status, ended.tokens_out, ended.cost, ended.tokens_in, ended.ended_ms) == (COMPLETED, 12, 40, 7, T0 + 5)
+    assert ended.created_ms == T0  # the same record, advanced
+    # an ended record (or a consumer's record of the same id) is not continued: a new one starts
+    again = served_record(ended, **facts, now_ms=T0 + 9, tokens_out=0, cost=0, tokens_in=None, ended=None)
+    assert again.status == RUNNING and again.created_ms == T0 + 9 and again.cost == 0

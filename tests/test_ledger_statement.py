@@ -29,3 +29,17 @@ def test_statement_lines_for_every_kind(store_factory):
     assert bob_lines == [("claim", "in", 120, alice.public_key, ""), ("receive", "in", 100, alice.public_key, "lunch")]
     assert [(l.kind, l.amount, l.counterparty) for l in ledger.statement(faucet.public_key)] == [("mint", 50, None)]
     assert [l.seq for l in ledger.statement(alice.public_key, last=2)] == [3, 2]
+
+
+def test_an_account_takes_in_coins_only_when_sends_wait_and_its_chain_is_not_frozen():
+    from p2pgpu.core.kv import MemoryStore
+    from p2pgpu.core.ledger import Ledger
+    from p2pgpu.testing.ledger import START_MS, key_for, make_genesis
+
+    alice, bob = key_for("alice"), key_for("bob")
+    ledger = Ledger(MemoryStore(), make_genesis())
+    assert not ledger.can_take_in(bob.public_key)  # nothing sent to it
+    ledger.send(alice, bob.public_key, 10, START_MS)
+    assert ledger.can_take_in(bob.public_key)
+    ledger.receive_all(bob, START_MS + 1)
+    assert not ledger.can_take_in(bob.public_key)

@@ -318,6 +318,26 @@ def served_outcome(*, accepted: bool, outcome: str, cancelled: bool, finished: b
     return COMPLETED, ""
 
 
+def served_record(old: JobRecord | None, *, job_id: bytes, model: str, consumer: bytes, provider: bytes,
+                  hold_id: bytes, now_ms: int, tokens_out: int, cost: int, tokens_in: int | None,
+                  ended: tuple[str, str] | None) -> JobRecord:
+    """The record of a job we serve, as the provider's side learns of it:
+    when it is accepted and as it runs (``ended`` None), and when it ends
+    (``ended`` = ``served_outcome(...)``). A record that is not a running
+    provider record of this job (none yet, or one left from an earlier
+    life of the id) starts afresh, so a job id a consumer reuses cannot
+    inherit another job's history."""
+    running = old is not None and old.role == PROVIDER and old.status == RUNNING
+    base = old if running else JobRecord(
+        job_id, PROVIDER, RUNNING, model, consumer, provider, now_ms, started_ms=now_ms, hold_id=hold_id)
+    assert base is not None
+    facts = {"tokens_out": tokens_out, "cost": cost, "tokens_in": tokens_in}
+    if ended is None:
+        return replace(base, **facts)
+    status, reason = ended
+    return advance(base, status, now_ms, reason=reason, **facts)
+
+
 def settle_attempt(record: JobRecord, hold_id: bytes, payout: int) -> JobRecord:
     """A consumer's ``record`` once the hold ``hold_id`` of one of its
     attempts is released and the ledger says the provider was paid

@@ -777,6 +777,12 @@ class Ledger:
         prefix = P_PENDING + public_key
         return [(key[len(prefix) :], _load(v)) for key, v in self._kv.scan(prefix)]
 
+    def can_take_in(self, public_key: bytes) -> bool:
+        """Whether the account's owner should RECEIVE now: sends to it wait
+        and its chain is not frozen (a frozen chain's new entries are
+        refused everywhere, so appending one would only fail)."""
+        return bool(self.receivable(public_key)) and self.account(public_key).frozen is None
+
     def hold_status(self, hold_id: bytes) -> tuple[int, int] | None:
         """(payout, refund) applied so far for a hold; None if never settled."""
         raw = self._kv.get(P_SETTLED + hold_id)
