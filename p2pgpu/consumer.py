@@ -59,7 +59,7 @@ from p2pgpu.core.submission import (
 )
 from p2pgpu.core.waitlist import Waitlist
 from p2pgpu.errors import ExecutionFailed, InsufficientFunds, P2PGPUError
-from p2pgpu.jobrunner import JobResult, JobStreamPool, SettleHold, run_job
+from p2pgpu.jobrunner import JobEnd, JobResult, JobStreamPool, SettleHold, run_job
 from p2pgpu.net import P2PHost
 from p2pgpu.replication import LedgerReplicator
 
@@ -149,10 +149,10 @@ class NetworkAttempts:
 
 def report_of(result: JobResult) -> AttemptReport:
     """``run_job``'s result as the submission machine takes it: the one
-    place that reads its status strings and reason code."""
-    if result.status == "completed":
+    place that reads its status and reason code."""
+    if result.status is JobEnd.COMPLETED:
         outcome = AttemptOutcome.COMPLETED
-    elif result.status == "rejected":
+    elif result.status is JobEnd.REJECTED:
         outcome = AttemptOutcome.BUSY if result.code == R_BUSY else AttemptOutcome.REJECTED
     else:
         outcome = AttemptOutcome.FAILED

@@ -28,6 +28,7 @@ job ends that job's stream only: a peer's bad frame becomes
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import secrets
@@ -222,6 +223,7 @@ class _ProviderJob(_Edge):
         self.holds_slot = False  # a slot of ours is taken by this job now
         self.accepted = False  # and this stays True once accepted, slot or not
         self.outcome = ""  # why it ended early (rejected, backend failed), for ``on_job``
+        self.rejected = False  # we turned it away (a REJECT frame went out)
         self.prompt_tokens: int | None = None  # Ollama's prompt_eval_count, once known
         self._to_keep: KeepVoucher | None = None  # the newest voucher not yet handed to keep_voucher
         self._keeper_idle = trio.Event()  # set while no voucher is being written
@@ -279,11 +281,11 @@ class _ProviderJob(_Edge):
         now = self.now_ms()
         if code is not None:
             log.info("job %s: rejecting: %s", request.job_id.hex()[:8], text)
-            self.outcome = f"rejected: {text}"
+            self.outcome, self.rejected = f"rejected: {text}", True
             self._apply(self.session.reject(now, code, text))
             return
         if self.service.active >= self.service.slots:  # taken while we awaited the ledger
-            self.outcome = "rejected: no free slot"
+            self.outcome, self.rejected = "rejected: no free slot", True
             self._apply(self.session.reject(now, R_BUSY, "no free slot"))
             return
         self.service._slots_changed(+1)
@@ -499,11 +501,20 @@ class ProviderService:
 # ====================================================================== consumer
 
 
+class JobEnd(enum.StrEnum):
+    """How one job ended for the consumer (equal to the strings the API and
+    older callers compare with)."""
+
+    COMPLETED = "completed"
+    REJECTED = "rejected"  # turned away before it ran (busy, price, model, hold)
+    FAILED = "failed"  # cut short: provider failure, lost connection, cancel, timeout
+
+
 @dataclass
 class JobResult:
     """How one job ended, from the consumer's side.
 
-    ``status``: "completed", "rejected" or "failed". ``cost``: the last
+    ``status``: a ``JobEnd``. ``cost``: the last
     voucher (what the provider may claim); once the hold is released, what
     the ledger paid the provider from it (less, if it crashed before it
     kept our last voucher). ``release``: what the holds owner made of the
@@ -514,7 +525,7 @@ class JobResult:
     it was full).
     """
 
-    status: str
+    status: JobEnd
     reason: str
     text: str
     tokens: int
@@ -685,11 +696,11 @@ async def run_job(
         cost = settled[0]
     code = None
     if isinstance(outcome, Completed):
-        status, reason, receipt, retryable = "completed", "", outcome.receipt, False
+        status, reason, receipt, retryable = JobEnd.COMPLETED, "", outcome.receipt, False
         if streams is not None:
             streams.refill(provider_peer_id)
     else:
-        status = "rejected" if outcome.reason.startswith("rejected") else "failed"
+        status = JobEnd.REJECTED if outcome.rejected else JobEnd.FAILED
         reason, receipt, retryable, code = outcome.reason, outcome.receipt, outcome.retryable, outcome.code
     ttft = None if job.first_token is None else job.first_token - job.started
     tps = None

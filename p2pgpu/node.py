@@ -338,7 +338,7 @@ class Node:
             return  # no valid request ever came: nothing to remember
         ended = None
         if session.state is ProviderState.DONE:
-            ended = served_outcome(accepted=served.accepted, outcome=served.outcome,
+            ended = served_outcome(accepted=served.accepted, rejected=served.rejected, outcome=served.outcome,
                                    cancelled=session.cancelled, finished=served.prompt_tokens is not None)
         self._save(served_record(
             self.job_store.get(request.job_id), job_id=request.job_id, model=request.model,

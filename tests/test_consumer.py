@@ -22,7 +22,7 @@ from p2pgpu.core.jobs import R_BUSY
 from p2pgpu.core.offers import Offer
 from p2pgpu.core.submission import SubmissionConfig
 from p2pgpu.errors import ExecutionFailed
-from p2pgpu.jobrunner import JobResult
+from p2pgpu.jobrunner import JobEnd, JobResult
 from p2pgpu.jobstore import JobStore
 from p2pgpu.testing.ledger import key_for
 from test_submission import MODEL, T0, offer
@@ -44,7 +44,7 @@ class Offers:
 
 
 def result(status: str, *, tokens: int = 0, code: int | None = None, reason: str = "") -> JobResult:
-    return JobResult(status=status, reason=reason, text="w" * tokens, tokens=tokens, cost=tokens, receipt=None,
+    return JobResult(status=JobEnd(status), reason=reason, text="w" * tokens, tokens=tokens, cost=tokens, receipt=None,
                      provider="", job_id=b"", hold_id=bytes(32), hold_amount=100, release="pending",
                      retryable=True, ttft_s=0.01 if tokens else None, tokens_per_s=None, code=code)
 

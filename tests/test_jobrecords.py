@@ -283,10 +283,13 @@ def test_a_hold_its_job_still_settles_is_left_alone_until_then():
 
 
 def test_how_a_served_job_ended_is_read_from_what_the_provider_knows():
-    assert served_outcome(accepted=False, outcome="rejected: no free slot", cancelled=False, finished=False) == (
+    assert served_outcome(accepted=False, rejected=True, outcome="rejected: no free slot", cancelled=False,
+                          finished=False) == (
         REJECTED, "rejected: no free slot")
     assert served_outcome(accepted=False, outcome="", cancelled=False, finished=False) == (
         CANCELLED, "the consumer left before the job started")
+    # the flag decides, not the text: a reason that merely reads "rejected" is not a rejection
+    assert served_outcome(accepted=False, outcome="rejected: spoofed", cancelled=False, finished=False)[0] == CANCELLED
     assert served_outcome(accepted=True, outcome="", cancelled=True, finished=True) == (CANCELLED, "cancelled")
     assert served_outcome(accepted=True, outcome="backend failed: boom", cancelled=False, finished=False) == (
         FAILED, "backend failed: boom")

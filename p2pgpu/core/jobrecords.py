@@ -299,14 +299,16 @@ def advance(record: JobRecord, status: str, now_ms: int, **changes: Any) -> JobR
     return replace(record, status=status, **changes)
 
 
-def served_outcome(*, accepted: bool, outcome: str, cancelled: bool, finished: bool) -> tuple[str, str]:
+def served_outcome(*, accepted: bool, outcome: str, cancelled: bool, finished: bool,
+                   rejected: bool = False) -> tuple[str, str]:
     """How a job we served ended, as (status, reason), from what the
-    provider's side knows at the end: whether it accepted the job, why it
-    ended early if it did (``outcome``: "rejected: ..." or "backend failed:
-    ..."), whether either side cancelled, and whether the backend's final
-    counts came (``finished``; without them the consumer went away)."""
+    provider's side knows at the end: whether it accepted the job or
+    ``rejected`` it, why it ended early if it did (``outcome``, text for
+    people: "rejected: ..." or "backend failed: ..."), whether either side
+    cancelled, and whether the backend's final counts came (``finished``;
+    without them the consumer went away)."""
     if not accepted:
-        if outcome.startswith("rejected"):
+        if rejected:
             return REJECTED, outcome
         return CANCELLED, outcome or "the consumer left before the job started"
     if cancelled:

@@ -535,12 +535,14 @@ class Failed:
     another provider is worth trying (false only when our user cancelled);
     ``receipt`` is there when the provider sent one for a cancelled job;
     ``code`` is the provider's reason code when it rejected or failed the
-    job (``R_BUSY``: full, try again later), else None."""
+    job (``R_BUSY``: full, try again later), else None; ``rejected``: the
+    provider turned the job away before running it (its REJECT frame)."""
     reason: str
     retryable: bool
     receipt: Receipt | None = None
     paid: int = 0
     code: int | None = None
+    rejected: bool = False
 
 
 Action = (Send | Deliver | Pause | Resume | StopGeneration | Claim | KeepVoucher | ReleaseHold | RequestReceived
@@ -740,7 +742,7 @@ class ConsumerSession(_Machine):
         code, text, raw = frame.args
         waiver = self._check_waiver(raw)
         reason = f"rejected ({REASON_NAMES.get(code, code)}): {text}"
-        return self._end(Failed(reason, retryable=True, code=code), waiver)
+        return self._end(Failed(reason, retryable=True, code=code, rejected=True), waiver)
 
     def _on_tokens(self, frame, now_ms):
         seq, text, count, total = frame.args
