@@ -55,13 +55,21 @@ Misbehaviour: any frame that does not decode, any limit passed, any invalid
 entry in a session ends the session with a typed error and a stream reset;
 valid entries already applied stay (they are valid whoever sent them), and
 invalid ones never touch the ledger.
+
+Who decides: every choice above (when to commit, what to announce, when and
+how fast, when to pull from whom, what to fetch, what a fork proof becomes,
+whom to serve) is made by ``p2pgpu.core.replication_policy.ReplicationPolicy``,
+a sans-IO state machine that a simulator can drive without trio or libp2p.
+This module feeds it events (applies, commits, peers, the ends of sessions),
+sleeps until its ``next_deadline()``, and carries out its actions; what is
+left here is moving bytes: the session pipeline, the gossip validator, the
+publisher, and the translation of library errors.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -73,10 +81,26 @@ import trio
 
 from p2pgpu.core.ledger import ApplyResult, Entry, Ledger, decode_entry, signature_items
 from p2pgpu.core.protocols import LEDGER_SYNC_PROTOCOL, ledger_topic, network_tag
+from p2pgpu.core.replication_policy import (
+    Acknowledge,
+    Action,
+    Admission,
+    Commit,
+    FetchIds,
+    PullOutcome,
+    ReplicationConfig,
+    ReplicationPolicy,
+    SessionNext,
+    Source,
+    StartSync,
+    SyncReason,
+    Tick,
+    Publish,
+    fetch_batches,
+)
 from p2pgpu.core.sync import (
     ERR_BAD_REQUEST,
     ERR_BUSY,
-    MAX_FETCH_IDS,
     End,
     Entries,
     EntryStream,
@@ -94,14 +118,12 @@ from p2pgpu.core.sync import (
     decode_announcement,
     encode_message,
     entry_frames,
-    fork_proof,
     local_summary,
     order_wires,
-    pack_announcements,
     plan,
     summary_frames,
 )
-from p2pgpu.errors import BadSignature, ConfigError, MalformedInput, P2PGPUError, PeerMisbehaved, Truncated
+from p2pgpu.errors import BadSignature, ConfigError, MalformedInput, P2PGPUError, Truncated
 from p2pgpu.net import FrameStream, GossipMessage, P2PHost, PublishRejected
 from p2pgpu.verify import ThreadedVerifier
 
@@ -109,21 +131,15 @@ __all__ = ["LedgerReplicator", "SyncStats"]
 
 logger = logging.getLogger(__name__)
 
-LOCAL, OFFERED, GOSSIP, SYNC, TICK = "local", "offered", "gossip", "sync", "tick"
-_COUNTED_AS = {LOCAL: "applied_local", OFFERED: "applied_offered", GOSSIP: "applied_gossip",
-               SYNC: "applied_sync", TICK: "applied_tick"}
+_COUNTED_AS = {Source.LOCAL: "applied_local", Source.OFFERED: "applied_offered", Source.GOSSIP: "applied_gossip",
+               Source.SYNC: "applied_sync", Source.TICK: "applied_tick"}
 
-GOSSIP_COMMIT_ENTRIES = 256
 INLINE_VERIFY_MAX = 4  # signatures checked on the trio thread (~70 us each) rather than in the pool
-"""Commit gossip applies at once when this many are staged (else on the timer)."""
-SYNC_COMMIT_ENTRIES = 2048
-"""A catch-up commits every this many entries: one synced write per ~4 frames."""
-MAX_FOLLOW_UP_ROUNDS = 32
-"""Fetch rounds after a sync, each one step back along a divergent branch."""
-MAX_SESSIONS_PER_SYNC = 64
-"""``sync_with`` repeats a truncated session at most this often."""
 _VALIDATED_CACHE = 512
-_ANNOUNCE_BACKLOG = 100_000
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,27 +175,7 @@ class _Tally:
         self.received = self.applied = self.duplicates = self.waiting = self.rejected = 0
         self.fetched = self.sessions = 0
         self.truncated = False
-        self.missing: set[bytes] = set()
-
-
-class _TokenBucket:
-    """Our own publish pacing, kept under the receivers' per-origin limit
-    (``GossipConfig.rate_per_second``, 10/s with a burst of 50 by default):
-    a message they drop for rate costs everyone a later sync instead."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.last = burst, trio.current_time()
-
-    async def take(self) -> None:
-        while True:
-            now = trio.current_time()
-            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return
-            await trio.sleep((1 - self.tokens) / self.rate)
+        self.missing: dict[bytes, None] = {}  # ordered: a simulator replays the same fetches
 
 
 @asynccontextmanager
@@ -266,24 +262,21 @@ class LedgerReplicator:
         self.peer_poll_s = peer_poll_s
         self.fetch_delay_s = fetch_delay_s
         self.tick_interval_s = tick_interval_s
-        self._verifier = ThreadedVerifier(threads=verify_threads)
-        self._announce_rate, self._announce_burst = announce_rate, announce_burst
         self.announce_delay_s = announce_delay_s
-        # entries applied but not yet committed, with where they came from
-        self._unacked: list[tuple[Entry, str]] = []
-        self._proofs: list[bytes] = []  # fork proofs waiting for the commit
-        self._announce_wires: deque[bytes] = deque(maxlen=_ANNOUNCE_BACKLOG)
-        self._announce_messages: deque[bytes] = deque(maxlen=1024)
-        self._announce_wakeup = trio.Event()
-        self._commit_due = trio.Event()
+        self.config = ReplicationConfig(
+            sync_interval_ms=_ms(sync_interval_s), commit_interval_ms=_ms(commit_interval_s),
+            fresh_window_ms=fresh_window_ms, announce_linger_ms=round(announce_delay_s * 1000),
+            announce_rate=announce_rate, announce_burst=announce_burst,
+            fetch_delay_ms=round(fetch_delay_s * 1000), max_fetch_ids=limits.max_fetch_ids,
+            tick_interval_ms=_ms(tick_interval_s), max_serving=max_serving)
+        self._policy: ReplicationPolicy[str] = ReplicationPolicy(ledger, self.config)
+        self._verifier = ThreadedVerifier(threads=verify_threads)
         self._validated: OrderedDict[bytes, list[Entry]] = OrderedDict()
-        self._wanted: dict[bytes, tuple[float, str | None, int]] = {}  # id -> (since, hint peer, attempts)
         self._pull_locks: dict[str, trio.Lock] = {}
-        self._serving: dict[str, int] = {}
-        self._last_pull_back: dict[str, float] = {}
-        self._pull_back_pending: set[str] = set()
-        self._again: set[str] = set()  # peers to pull from once more when the running pull ends
-        self._forked_authors: set[bytes] = set()
+        self._outbox: deque[Publish] = deque()  # announcements the policy released, for the publisher
+        self._outbox_ready = trio.Event()
+        self._wake = trio.Event()  # the policy's next deadline moved earlier than the driver's sleep
+        self._sleeping_until = math.inf
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._counters = dict.fromkeys(
@@ -298,7 +291,7 @@ class LedgerReplicator:
         """Counters for ``p2pgpu status``: entries announced, applied by
         source, rejected, sessions, and ``forks_seen`` (authors found forked)."""
         out = dict(self._counters)
-        out["forks_seen"] = len(self._forked_authors)
+        out["forks_seen"] = len(self._policy.forked_authors)
         out["unchecked"] = len(self.ledger.unchecked)
         return out
 
@@ -313,16 +306,14 @@ class LedgerReplicator:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._policy.start(self._clock())
                 nursery.start_soon(self._receive_gossip, subscription)
-                nursery.start_soon(self._committer)
-                nursery.start_soon(self._announcer)
-                nursery.start_soon(self._watch_peers)
-                nursery.start_soon(self._periodic_sync)
-                nursery.start_soon(self._fetcher)
-                nursery.start_soon(self._ticker)
+                nursery.start_soon(self._publisher)
+                nursery.start_soon(self._drive)
                 task_status.started()
         finally:
             self._nursery = None
+            self._policy.stop()
             with trio.CancelScope(shield=True):
                 try:
                     self.host.remove_stream_handler(LEDGER_SYNC_PROTOCOL)
@@ -333,8 +324,7 @@ class LedgerReplicator:
                     await subscription.aclose()
                 except Exception:  # noqa: BLE001
                     pass
-                if self._unacked or self.ledger.uncommitted:
-                    self._commit()
+                self._execute(self._policy.settle())
             self.close()
 
     def serve_requests(self) -> None:
@@ -348,75 +338,88 @@ class LedgerReplicator:
             self._closed = True
             self._verifier.close()
 
-    # ------------------------------------------------------------ acknowledgement
+    # ------------------------------------------------------------ driving the policy
 
-    def _track(self, result: ApplyResult, source: str, hint: str | None = None) -> None:
-        """Remember what an offer did until the commit acknowledges it."""
-        if result.status == "applied":
-            for entry in result.applied:
-                self._unacked.append((entry, source))
-            if result.forks:
-                self._on_forks(result)
-        elif result.status == "waiting" and result.missing is not None:
-            if not self.ledger.has_entry(result.missing) and result.missing not in self._wanted:
-                self._wanted[result.missing] = (trio.current_time(), hint, 0)
+    def _clock(self) -> int:
+        """The policy's timer clock: trio's (monotonic; a test's MockClock)."""
+        return round(trio.current_time() * 1000)
 
-    def _on_forks(self, result: ApplyResult) -> None:
-        """Queue a fork proof for every entry that forked its author's chain."""
-        forked = set(result.forks)
-        self._forked_authors.update(forked)
-        for entry in result.applied:
-            if entry.author not in forked:
-                continue
-            siblings = []
-            for wire in self.ledger.chain(entry.author, entry.seq, 64):
-                other = decode_entry(wire, self.network_id, verify=False)
-                if other.seq != entry.seq:
-                    break
-                siblings.append((other.id, wire))
-            if len(siblings) > 1:
-                self._proofs.append(fork_proof(siblings))
-                logger.info("fork: %s has %d entries at seq %d; announcing the proof",
-                            entry.author.hex()[:16], len(siblings), entry.seq)
+    def _execute(self, actions: list[Action]) -> None:
+        """Carry out the policy's actions, in order. Synchronous: a commit
+        and its acknowledgement happen with no other task in between."""
+        for action in actions:
+            if isinstance(action, Commit):
+                self._commit()
+            elif isinstance(action, Acknowledge):
+                self._acknowledge(action.entries)
+            elif isinstance(action, Publish):
+                self._outbox.append(action)
+                self._outbox_ready.set()
+            elif isinstance(action, StartSync):
+                self._start(self._sync_quietly, action.peer, action.reason,
+                            on_refused=lambda peer: self._policy.pull_ended(
+                                self._clock(), peer, PullOutcome.FAILED, 0))
+            elif isinstance(action, FetchIds):
+                self._start(self._fetch_quietly, action.peer, action.ids,
+                            on_refused=lambda peer: self._policy.fetch_ended(self._clock(), peer))
+            elif isinstance(action, Tick):
+                applied = self.ledger.tick(self.now_ms())
+                self._execute(self._policy.ticked(self._clock(), applied))
+        self._poke()
+
+    def _start(self, fn: Callable[..., Any], peer: str, arg: Any, *, on_refused: Callable[[str], Any]) -> None:
+        """Start a background task, or tell the policy it could not run
+        (no ``run()``, or it is ending) so that its bookkeeping stays true."""
+        if self._nursery is not None:
+            try:
+                self._nursery.start_soon(fn, peer, arg)
+                return
+            except RuntimeError:  # the nursery is closed to new arrivals
+                pass
+        on_refused(peer)
+
+    def _poke(self) -> None:
+        """Wake the driver if the policy now wants it sooner than it sleeps."""
+        deadline = self._policy.next_deadline()
+        if deadline is not None and deadline < self._sleeping_until:
+            self._wake.set()
+
+    async def _drive(self) -> None:
+        """Feed the policy the clock and the connected peers (the host offers
+        no hook for connections, so poll every ``peer_poll_s``)."""
+        peer_poll_ms = _ms(self.peer_poll_s)
+        next_peer_poll = -math.inf
+        while True:
+            now = self._clock()
+            if now >= next_peer_poll:
+                self._execute(self._policy.peers_changed(now, sorted(self.host.peers())))
+                next_peer_poll = now + peer_poll_ms
+            self._execute(self._policy.poll(now))
+            deadline = self._policy.next_deadline()
+            until = next_peer_poll if deadline is None else min(deadline, next_peer_poll)
+            self._wake = trio.Event()
+            self._sleeping_until = until
+            with trio.move_on_at(until / 1000):
+                await self._wake.wait()
+            self._sleeping_until = math.inf
+
+    def _track(self, result: ApplyResult, source: Source, hint: str | None = None) -> None:
+        self._policy.track(self._clock(), result, source, hint)
 
     def _commit(self) -> None:
-        """Commit everything staged, then acknowledge it: count, announce,
-        tell ``on_applied``. Synchronous, so no other task runs in between."""
+        """Commit everything staged, then let the policy acknowledge it
+        (count, queue announcements, tell ``on_applied``)."""
         self.ledger.commit()
-        acked, self._unacked = self._unacked, []
-        proofs, self._proofs = self._proofs, []
-        if not acked and not proofs:
-            return
-        now = self.now_ms()
-        fresh_after = now - self.fresh_window_ms
-        for entry, source in acked:
+        self._execute(self._policy.committed(self._clock(), self.now_ms()))
+
+    def _acknowledge(self, acked: tuple[tuple[Entry, Source], ...]) -> None:
+        for _, source in acked:
             self._counters[_COUNTED_AS[source]] += 1
-            if source in (LOCAL, OFFERED) or (source in (SYNC, TICK) and entry.timestamp_ms >= fresh_after):
-                self._announce_wires.append(entry.wire)
-        self._announce_messages.extend(proofs)
-        if self._announce_wires or self._announce_messages:
-            self._announce_wakeup.set()
-        if acked and self.on_applied is not None:
+        if self.on_applied is not None:
             try:
                 self.on_applied([entry for entry, _ in acked])
             except Exception:  # noqa: BLE001 - a listener must not stop replication
                 logger.warning("on_applied raised", exc_info=True)
-
-    async def _committer(self) -> None:
-        """Group commit for gossip: at most ``commit_interval_s`` after the
-        first staged entry."""
-        while True:
-            await self._commit_due.wait()
-            await trio.sleep(self.commit_interval_s)
-            self._commit_due = trio.Event()
-            if self._unacked or self._proofs or self.ledger.uncommitted:
-                self._commit()
-
-    def _commit_soon(self) -> None:
-        if self.ledger.uncommitted >= GOSSIP_COMMIT_ENTRIES:
-            self._commit()
-        elif self._unacked or self._proofs or self.ledger.uncommitted:
-            self._commit_due.set()
 
     # ------------------------------------------------------------ local entries
 
@@ -431,8 +434,8 @@ class LedgerReplicator:
         await trio.lowlevel.checkpoint()
         made = fn(self.ledger)
         entries = [made] if isinstance(made, Entry) else list(made)
-        self._unacked.extend((entry, LOCAL) for entry in entries)
-        self._commit()
+        self._policy.stage(entries, Source.LOCAL)
+        self._execute(self._policy.staged(self._clock(), Source.LOCAL, durable=True))
         return entries
 
     async def offer(self, wires: Iterable[bytes], *, durable: bool = True) -> list[ApplyResult | P2PGPUError]:
@@ -455,13 +458,10 @@ class LedgerReplicator:
         results = self.ledger.apply_checked(decoded, verdicts, self.now_ms())
         for result in results:
             if isinstance(result, ApplyResult):
-                self._track(result, OFFERED)
+                self._track(result, Source.OFFERED)
             else:
                 self._counters["rejected"] += 1
-        if durable:
-            self._commit()
-        else:
-            self._commit_soon()
+        self._execute(self._policy.staged(self._clock(), Source.OFFERED, durable=durable))
         return results
 
     async def _verify(self, items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
@@ -527,43 +527,27 @@ class LedgerReplicator:
                 self._counters["rejected"] += 1
                 logger.debug("gossiped entry %r refused: %s", entry, exc)
                 continue
-            self._track(result, GOSSIP, hint=message.from_peer_id)
-        self._commit_soon()
+            self._track(result, Source.GOSSIP, hint=message.from_peer_id)
+        self._execute(self._policy.staged(self._clock(), Source.GOSSIP))
 
-    async def _announcer(self) -> None:
-        """Publish what commits queued, paced by a token bucket; whatever
-        queued up meanwhile leaves packed into as few messages as fit."""
-        bucket = _TokenBucket(self._announce_rate, self._announce_burst)
+    async def _publisher(self) -> None:
+        """Publish the announcements the policy released (it paces them),
+        in order, off the driver's task: a slow publish delays no timer."""
         while True:
-            await self._announce_wakeup.wait()
-            # Linger a moment: what commits next rides along, and the entry
-            # that woke us (a job's HOLD) reaches its provider inside the job
-            # request first, so the provider's loop is not busy checking the
-            # announcement while it decides on the job.
-            await trio.sleep(self.announce_delay_s)
-            self._announce_wakeup = trio.Event()
-            while self._announce_messages or self._announce_wires:
-                await bucket.take()
-                if self._announce_messages:
-                    data, entries, proof = self._announce_messages.popleft(), 0, True
-                else:
-                    batch: list[bytes] = []
-                    while self._announce_wires and len(batch) < 64:
-                        batch.append(self._announce_wires.popleft())
-                    first, *rest = pack_announcements(batch)
-                    for extra in reversed(rest):  # did not fit: back to the front
-                        self._announce_wires.extendleft(reversed(decode_announcement(extra)))
-                    data, entries, proof = first, len(decode_announcement(first)), False
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            while self._outbox:
+                action = self._outbox.popleft()
                 try:
-                    await self.host.publish(self.topic, data)
+                    await self.host.publish(self.topic, action.data)
                 except (PublishRejected, MalformedInput) as exc:
                     logger.warning("could not announce ledger entries: %s", exc)
                     continue
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     return
                 self._counters["announcements"] += 1
-                self._counters["announced_entries"] += entries
-                if proof:
+                self._counters["announced_entries"] += action.entries
+                if action.fork_proof:
                     self._counters["fork_proofs_announced"] += 1
 
     # ------------------------------------------------------------ anti-entropy: requester
@@ -582,30 +566,32 @@ class LedgerReplicator:
         fetches by id whatever the new entries still wait for. Waits for an
         ongoing session with the same peer first (one at a time per peer).
         If entries arrived, every other peer is asked to sync with us next
-        (``_propagate``). Raises ``SyncError``/``MalformedInput`` (and resets
+        (the policy's ``pull_ended``). Raises ``SyncError``/``MalformedInput`` (and resets
         the stream) when the peer misbehaves, ``SyncRefused`` when it
         declines, and the host's ``PeerUnreachable``/``ProtocolNotSupported``/
         ``StreamAborted``.
         """
         started = time.perf_counter()
         tally = _Tally()
+        policy = self._policy
         async with self._lock_for(peer_id):
+            policy.pull_started(peer_id)
+            outcome = PullOutcome.FAILED
             try:
-                for _ in range(MAX_SESSIONS_PER_SYNC):
-                    self._again.discard(peer_id)
+                while True:
+                    policy.session_starting(peer_id)
                     truncated = await self._pull(peer_id, tally)
-                    if not truncated and peer_id not in self._again:
+                    if policy.session_ended(peer_id, truncated, tally.sessions) is SessionNext.DONE:
                         break
                 await self._follow_up(peer_id, tally)
+                outcome = PullOutcome.COMPLETED
             except Exception:
                 self._counters["sync_failed"] += 1
                 raise
             finally:
-                if self._unacked or self.ledger.uncommitted:
-                    self._commit()
-        self._counters["sync_sessions"] += 1
-        if tally.applied:
-            self._propagate(peer_id)
+                if outcome is PullOutcome.COMPLETED:
+                    self._counters["sync_sessions"] += 1
+                self._execute(policy.pull_ended(self._clock(), peer_id, outcome, tally.applied))
         return self._stats(peer_id, tally, started)
 
     async def fetch_from(self, peer_id: str, ids: Iterable[bytes], *, follow_up: bool = False) -> SyncStats:
@@ -615,15 +601,13 @@ class LedgerReplicator:
         the author of the chain we lack a piece of)."""
         started = time.perf_counter()
         tally = _Tally()
-        wanted = list(dict.fromkeys(ids))
         try:
-            for start in range(0, len(wanted), MAX_FETCH_IDS):
-                await self._fetch(peer_id, wanted[start : start + MAX_FETCH_IDS], tally)
+            for batch in fetch_batches(ids, self.config.max_fetch_ids):
+                await self._fetch(peer_id, list(batch), tally)
             if follow_up:
                 await self._follow_up(peer_id, tally)
         finally:
-            if self._unacked or self.ledger.uncommitted:
-                self._commit()
+            self._execute(self._policy.settle())
         return self._stats(peer_id, tally, started)
 
     def _stats(self, peer_id: str, tally: _Tally, started: float) -> SyncStats:
@@ -659,15 +643,11 @@ class LedgerReplicator:
     async def _follow_up(self, peer_id: str, tally: _Tally) -> None:
         """Fetch what this session's entries wait for from the same peer,
         which has applied them and so holds what they name."""
-        asked: set[bytes] = set()
-        for _ in range(MAX_FOLLOW_UP_ROUNDS):
-            missing = [m for m in tally.missing if m not in asked and not self.ledger.has_entry(m)]
+        follow_up = self._policy.follow_up()
+        while batches := follow_up.next_batches(tally.missing):
             tally.missing.clear()
-            if not missing:
-                return
-            asked.update(missing)
-            for start in range(0, len(missing), MAX_FETCH_IDS):
-                await self._fetch(peer_id, missing[start : start + MAX_FETCH_IDS], tally)
+            for batch in batches:
+                await self._fetch(peer_id, list(batch), tally)
 
     async def _receive_entries(self, stream: FrameStream, requester: SyncRequester, tally: _Tally,
                                expected_ids: set[bytes] | None) -> End:
@@ -726,7 +706,7 @@ class LedgerReplicator:
                 self._counters["rejected"] += 1
                 bad = bad or result
                 continue
-            self._track(result, SYNC, hint=peer_id)
+            self._track(result, Source.SYNC, hint=peer_id)
             if result.status == "applied":
                 tally.applied += len(result.applied)
             elif result.status == "duplicate":
@@ -734,9 +714,8 @@ class LedgerReplicator:
             else:
                 tally.waiting += 1
                 if result.missing is not None:
-                    tally.missing.add(result.missing)
-        if self.ledger.uncommitted >= SYNC_COMMIT_ENTRIES:
-            self._commit()
+                    tally.missing[result.missing] = None
+        self._execute(self._policy.staged(self._clock(), Source.SYNC))
         if bad is not None:
             # An honest responder only sends entries it applied, and validity
             # is the same on every replica: this peer is lying.
@@ -748,11 +727,9 @@ class LedgerReplicator:
         """Stream handler for ``LEDGER_SYNC_PROTOCOL``: one request, one answer.
         Errors propagate to the host's wrapper, which resets the stream."""
         peer = stream.remote_peer_id
-        # Two per peer: its sync and its fetcher may ask at the same time.
-        if self._serving.get(peer, 0) >= 2 or sum(self._serving.values()) >= self.max_serving:
+        if self._policy.admit(peer) is Admission.BUSY:
             await stream.send_frame(encode_message(Refusal(ERR_BUSY, "try again later")))
             return
-        self._serving[peer] = self._serving.get(peer, 0) + 1
         try:
             with _deadline(self.session_timeout_s, "serving a sync session"):
                 await self._answer(stream, peer)
@@ -768,9 +745,7 @@ class LedgerReplicator:
             self._counters["serve_failed"] += 1
             raise
         finally:
-            self._serving[peer] -= 1
-            if not self._serving[peer]:
-                del self._serving[peer]
+            self._policy.serve_ended(peer)
 
     async def _answer(self, stream: FrameStream, peer: str) -> None:
         responder = SyncResponder(self.limits)
@@ -795,120 +770,33 @@ class LedgerReplicator:
             await stream.send_frame(frame)
         await stream.send_frame(encode_message(End(entries.sent, entries.truncated)))
         self._counters["sync_served"] += 1
-        if decided.peer_has_more:
-            self._pull_back(peer)
-
-    def _pull_back(self, peer: str) -> None:
-        """The requester holds entries we lack: pull them now. At most one
-        such pull per peer per second (a summary that lies about having more
-        cannot make us loop); one asked for sooner is deferred, not dropped."""
-        if self._nursery is None or peer in self._pull_back_pending:
-            return
-        wait = self._last_pull_back.get(peer, -math.inf) + 1.0 - trio.current_time()
-        self._pull_back_pending.add(peer)
-        self._nursery.start_soon(self._pull_back_after, peer, max(0.0, wait))
-
-    async def _pull_back_after(self, peer: str, delay: float) -> None:
-        await trio.sleep(delay)
-        self._pull_back_pending.discard(peer)
-        self._last_pull_back[peer] = trio.current_time()
-        self._want_sync(peer)
-
-    def _propagate(self, source: str) -> None:
-        """We just learned entries by sync. Gossip will not carry old ones
-        (only fresh ones are re-announced), and pull-only sync means we
-        cannot push; so ask every other peer for a sync: its responder side
-        sees that we hold more and pulls back. Each node pulls the news once
-        and passes the question on, so it spreads hop by hop and stops where
-        nobody learns anything new."""
-        for peer in self.host.peers():
-            if peer != source:
-                self._want_sync(peer)
-
-    def _want_sync(self, peer: str) -> None:
-        """Schedule a background pull from ``peer``, coalesced with any
-        running one (which then goes round once more)."""
-        if self._nursery is None:
-            return
-        if self._lock_for(peer).locked():
-            self._again.add(peer)
-            return
-        self._nursery.start_soon(self._sync_quietly, peer)
+        self._execute(self._policy.served(self._clock(), peer, decided.peer_has_more))
 
     # ------------------------------------------------------------ background
 
-    async def _sync_quietly(self, peer_id: str) -> None:
-        """A background sync: failures are logged and counted, never raised."""
-        if self._lock_for(peer_id).locked():
-            self._again.add(peer_id)  # the running one goes round once more
-            return
+    async def _sync_quietly(self, peer_id: str, reason: SyncReason) -> None:
+        """A background sync (``StartSync``): failures are logged and counted,
+        never raised."""
         try:
             stats = await self.sync_with(peer_id)
         except SyncRefused as exc:
-            logger.debug("sync with %s declined: %s", peer_id, exc)
-        except PeerMisbehaved as exc:
-            logger.info("sync with %s failed: %s: %s", peer_id, type(exc).__name__, exc)
+            logger.debug("sync (%s) with %s declined: %s", reason.value, peer_id, exc)
         except P2PGPUError as exc:
-            logger.info("sync with %s failed: %s: %s", peer_id, type(exc).__name__, exc)
+            logger.info("sync (%s) with %s failed: %s: %s", reason.value, peer_id, type(exc).__name__, exc)
         except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            logger.info("sync with %s failed: %r", peer_id, exc)
+            logger.info("sync (%s) with %s failed: %r", reason.value, peer_id, exc)
         else:
             if stats.applied:
                 logger.info("synced %d entries from %s in %.2f s", stats.applied, peer_id, stats.seconds)
 
-    async def _watch_peers(self) -> None:
-        """Sync with every peer as it connects (the host offers no hook, so poll)."""
-        assert self._nursery is not None
-        known: set[str] = set()
-        while True:
-            current = set(self.host.peers())
-            for peer in sorted(current - known):
-                self._want_sync(peer)
-            known = current
-            await trio.sleep(self.peer_poll_s)
-
-    async def _periodic_sync(self) -> None:
-        assert self._nursery is not None
-        while True:
-            await trio.sleep(self.sync_interval_s * random.uniform(0.8, 1.2))
-            peers = self.host.peers()
-            if peers:
-                self._want_sync(random.choice(peers))
-
-    async def _ticker(self) -> None:
-        """Entries stamped ahead of our clock wait in the ledger until ``tick``."""
-        while True:
-            await trio.sleep(self.tick_interval_s)
-            applied = self.ledger.tick(self.now_ms())
-            if applied:
-                self._unacked.extend((entry, TICK) for entry in applied)
-                self._commit_soon()
-
-    async def _fetcher(self) -> None:
-        """Fetch by id what gossiped entries still wait for after a grace
-        period (the missing entry usually arrives by gossip meanwhile): from
-        the gossip origin if connected, else from a random peer; three tries."""
-        while True:
-            await trio.sleep(max(0.05, self.fetch_delay_s / 2))
-            if not self._wanted:
-                continue
-            now = trio.current_time()
-            still_missing = self.ledger.unchecked.missing_ids()
-            peers = self.host.peers()
-            by_peer: dict[str, list[bytes]] = {}
-            for entry_id, (since, hint, attempts) in list(self._wanted.items()):
-                if self.ledger.has_entry(entry_id) or entry_id not in still_missing or attempts >= 3:
-                    del self._wanted[entry_id]
-                    continue
-                if not peers or now - since < self.fetch_delay_s:
-                    continue
-                peer = hint if hint in peers and attempts == 0 else random.choice(peers)
-                self._wanted[entry_id] = (now, hint, attempts + 1)
-                by_peer.setdefault(peer, []).append(entry_id)
-            for peer, ids in by_peer.items():
-                try:
-                    stats = await self.fetch_from(peer, ids[: self.limits.max_fetch_ids])
-                except (P2PGPUError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-                    logger.debug("fetch from %s failed: %r", peer, exc)
-                    continue
-                logger.debug("fetched %d of %d wanted entries from %s", stats.received, len(ids), peer)
+    async def _fetch_quietly(self, peer_id: str, ids: tuple[bytes, ...]) -> None:
+        """A background fetch (``FetchIds``) of what parked entries wait for."""
+        try:
+            stats = await self.fetch_from(peer_id, ids)
+        except (P2PGPUError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            logger.debug("fetch from %s failed: %r", peer_id, exc)
+        else:
+            logger.debug("fetched %d of %d wanted entries from %s", stats.received, len(ids), peer_id)
+        finally:
+            self._policy.fetch_ended(self._clock(), peer_id)
+            self._poke()
