@@ -417,8 +417,7 @@ class ConsumerSide:
             kind, reason, retryable = AttemptOutcome.COMPLETED, "", False
         else:
             reason, retryable = outcome.reason, outcome.retryable
-            rejected = getattr(outcome, "rejected", None)  # ``Failed.rejected`` where this core has it
-            if rejected if rejected is not None else outcome.reason.startswith("rejected"):
+            if outcome.rejected:
                 kind = AttemptOutcome.BUSY if outcome.code == R_BUSY else AttemptOutcome.REJECTED
             else:
                 kind = AttemptOutcome.FAILED

@@ -18,13 +18,14 @@ from typing import Any, Callable
 
 from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.hardware import HardwareReport
+from p2pgpu.core.heartbeat import HeartbeatConfig, next_beat_at, offer_refusal, slots_free
 from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.jobs import Prices
 from p2pgpu.core.kv import MemoryStore
 from p2pgpu.core.ledger import SEND, Entry
 from p2pgpu.core.offers import ModelOffer, make_offer, next_seq
 from p2pgpu.errors import P2PGPUError
-from p2pgpu.testing.sim.config import MODEL, Plant, Timing
+from p2pgpu.testing.sim.config import MODEL, START_MS, Plant, Timing
 from p2pgpu.testing.sim.consumer import ConsumerSide
 from p2pgpu.testing.sim.invariants import Checks
 from p2pgpu.testing.sim.network import Stream, World
@@ -35,7 +36,11 @@ __all__ = ["SimNode", "OFFERS_TOPIC"]
 
 OFFERS_TOPIC = "offers"
 HARDWARE = HardwareReport(gpus=(), nvml_available=False, error="simulated node")
-MIN_OFFER_INTERVAL_MS = 250
+
+
+def _seconds(world_ms: int) -> float:
+    """``core.heartbeat`` reads seconds on a monotonic clock: the run's, from its start."""
+    return (world_ms - START_MS) / 1000
 
 
 class SimNode:
@@ -57,6 +62,9 @@ class SimNode:
         self.slots = slots
         self.is_consumer = consumer
         self.plant = plant
+        self.heartbeat = HeartbeatConfig(heartbeat_s=timing.offer_interval_ms / 1000,
+                                         min_offer_interval_s=timing.min_offer_interval_ms / 1000,
+                                         early_offer_delay_s=timing.early_offer_ms / 1000)
         # durable
         self.store = MemoryStore()
         self.kept_store: dict[bytes, bytes] = {}  # job id -> KeptVoucher wire (the job store's "v" records)
@@ -67,8 +75,9 @@ class SimNode:
         self.provider: ProviderService | None = None
         self.consumer: ConsumerSide | None = None
         self.offer_seq: int | None = None
-        self.offer_at: int | None = None
-        self.last_offer = -10**9
+        self.beat_started = 0  # when the last beat began (world ms)
+        self.beat_at: int | None = None  # when the next is due
+        self.early_asked: int | None = None  # when a slot change asked for an early beat
         self.take_in_due = False
 
     def __repr__(self) -> str:
@@ -102,6 +111,7 @@ class SimNode:
         self.up = True
         self.trace("up" if self.incarnation == 0 else f"restarts (incarnation {self.incarnation})")
         self.replica = Replica(self)
+        self.replica.start()
         self.checks.conservation(self)
         if self.is_consumer:
             self.consumer = ConsumerSide(self)
@@ -109,8 +119,7 @@ class SimNode:
         if self.prices is not None:
             self.provider = ProviderService(self, self.prices, self.slots)
             self.provider.find_kept()
-            self.later(self.world.rng.randint(0, 100), self._heartbeat)
-        self.later(self.world.rng.randint(500, self.timing.sync_interval_ms), self.replica.periodic)
+            self.later(self.world.rng.randint(0, 100), self._beat)
         self.later(0, self._take_in)
         self.world.connectivity_changed()
 
@@ -123,7 +132,7 @@ class SimNode:
         self.up = False
         self.incarnation += 1
         self.replica = self.provider = self.consumer = None
-        self.offer_at = None
+        self.beat_at = self.early_asked = None
         self.take_in_due = False
         self.world.node_down(self.index)
 
@@ -176,30 +185,41 @@ class SimNode:
 
     # ---------------------------------------------------------------- offers
 
-    def _heartbeat(self) -> None:
+    def _beat(self) -> None:
+        """One heartbeat (``Market.provide``): offer, then sleep until
+        ``next_beat_at`` says (a heartbeat, or sooner once a slot changes)."""
+        self.beat_started = self.world.now
+        self.early_asked = None
         self._publish_offer()
-        self.later(self.timing.offer_interval_ms, self._heartbeat)
+        self._arm_beat()
+
+    def _arm_beat(self) -> None:
+        early = None if self.early_asked is None else _seconds(self.early_asked)
+        at = START_MS + round(1000 * next_beat_at(self.heartbeat, _seconds(self.beat_started), early))
+        if self.beat_at is None or at < self.beat_at:
+            self.beat_at = at
+            self.later(at - self.world.now, self._beat_due, at)
+
+    def _beat_due(self, at: int) -> None:
+        if self.beat_at == at:
+            self.beat_at = None
+            self._beat()
 
     def offer_soon(self) -> None:
-        """A slot was taken or freed: tell the network soon, not at the next beat."""
-        at = max(self.world.now + self.timing.early_offer_ms, self.last_offer + MIN_OFFER_INTERVAL_MS)
-        if self.offer_at is None or at < self.offer_at:
-            self.offer_at = at
-            self.later(at - self.world.now, self._early_offer, at)
-
-    def _early_offer(self, at: int) -> None:
-        if self.offer_at == at:
-            self._publish_offer()
+        """A slot was taken or freed: offer again soon, not a heartbeat later."""
+        if self.early_asked is None and self.beat_at is not None:
+            self.early_asked = self.world.now
+            self._arm_beat()
 
     def _publish_offer(self) -> None:
         assert self.provider is not None and self.prices is not None
-        self.offer_at = None
-        self.last_offer = self.world.now
+        if offer_refusal(models=1, gpus=len(HARDWARE.gpus), offer_cpu=True, backend_host="sim") is not None:
+            return  # never: the simulated backend always serves its model, on the CPU
         now = self.now()
         self.offer_seq = next_seq(self.offer_seq, now)
         signed = make_offer(
             self.key, self.network_id, now, seq=self.offer_seq, ttl_ms=self.timing.offer_ttl_ms, hardware=HARDWARE,
             models=[ModelOffer(MODEL, warm=True)], price_in=self.prices.price_in, price_out=self.prices.price_out,
-            slots_free=max(0, self.slots - self.provider.active), slots_total=self.slots,
+            slots_free=slots_free(self.slots, self.provider.active), slots_total=self.slots,
             addrs=[f"/ip4/10.0.0.{self.index + 1}/tcp/4001"], cpu=True)
         self.world.publish(self.index, OFFERS_TOPIC, signed.wire)
