@@ -74,6 +74,7 @@ from p2pgpu.core.waitlist import Waitlist
 from p2pgpu.errors import InsufficientFunds, P2PGPUError
 from p2pgpu.testing.sim.config import CREDIT_WINDOW, MODEL, SESSION_CONFIG, Plant
 from p2pgpu.testing.sim.invariants import HoldFacts, JobStatus, SubmissionRecord
+from p2pgpu.testing.sim.sessions import SessionEdge
 
 if TYPE_CHECKING:
     from p2pgpu.testing.sim.host import NodeHost
@@ -438,12 +439,15 @@ class ConsumerSide:
         return actions + ticket.machine.attempt_ended(now, report, offers=self._others(now))
 
 
-class ConsumerJob:
+class ConsumerJob(SessionEdge):
     """The edge of one ``ConsumerSession`` (jobrunner's ``_ConsumerJob``):
     feeds it frames and timers, carries out its actions."""
 
+    role = "consumer"
+
     def __init__(self, side: ConsumerSide, ticket: Ticket, offer: Offer, stream: Stream, session: ConsumerSession,
                  hold: Entry) -> None:
+        super().__init__()
         self.side = side
         self.node = side.node
         self.ticket = ticket
@@ -456,8 +460,6 @@ class ConsumerJob:
         self.release: ReleaseHold | None = None
         self.outcome: Completed | Failed | None = None
         self.done = False
-        self._armed: int | None = None
-        self._traced_state: str | None = None  # for traces only
 
     def apply(self, actions: list) -> None:
         if self.node.world.tracing:
@@ -490,26 +492,7 @@ class ConsumerJob:
                 self.stream.close(0)
                 self.side.job_ended(self)
             return
-        deadline = self.session.next_deadline()
-        if deadline is not None and deadline != self._armed:
-            self._armed = deadline
-            node.later_at(deadline, self._timer, deadline)
-
-    def _trace(self, actions: list) -> None:
-        state = self.session.state.value
-        names = [type(a).__name__ for a in actions if not isinstance(a, Send)]
-        sends = sum(isinstance(a, Send) for a in actions)
-        if state != self._traced_state or names:
-            self._traced_state = state
-            self.node.trace(f"consumer session "
-                            f"{self.session.job_id.hex()[:8]}: {state}" + (f", {', '.join(names)}" if names else "")
-                            + (f", sends {sends} frame(s)" if sends else ""))
-
-    def _timer(self, deadline: int) -> None:
-        if self.done or self._armed != deadline:
-            return
-        self._armed = None
-        self.apply(self.session.on_timer(self.node.now()))
+        self._arm()
 
     def on_frame(self, data: bytes) -> None:
         if self.done:

@@ -46,6 +46,7 @@ from p2pgpu.core.ledger import ApplyResult
 from p2pgpu.core.settlement import ClaimNow, Claimed, PayLost, WaitUntil, plan_claim
 from p2pgpu.errors import P2PGPUError
 from p2pgpu.testing.sim.config import MODEL, SESSION_CONFIG, Plant
+from p2pgpu.testing.sim.sessions import SessionEdge
 
 if TYPE_CHECKING:
     from p2pgpu.testing.sim.network import Stream
@@ -155,10 +156,13 @@ class ProviderService:
             self.wake_claimer(max(node.timing.settle_min_ms, wait))
 
 
-class ProviderJob:
+class ProviderJob(SessionEdge):
     """The edge of one ``ProviderSession`` (jobrunner's ``_ProviderJob``)."""
 
+    role = "provider"
+
     def __init__(self, service: ProviderService, stream: Stream) -> None:
+        super().__init__()
         self.service = service
         self.node = service.node
         self.stream = stream
@@ -170,8 +174,6 @@ class ProviderJob:
         self.to_keep: KeepVoucher | None = None
         self.forget_after_keep = False
         self.done = False
-        self._armed: int | None = None
-        self._traced_state: str | None = None  # for traces only
 
     def apply(self, actions: list) -> None:
         if self.node.world.tracing:
@@ -202,26 +204,7 @@ class ProviderJob:
                 self.stream.close(1)
                 self.service.job_over(self)
             return
-        deadline = self.session.next_deadline()
-        if deadline is not None and deadline != self._armed:
-            self._armed = deadline
-            self.node.later_at(deadline, self._timer, deadline)
-
-    def _trace(self, actions: list) -> None:
-        state = self.session.state.value
-        names = [type(a).__name__ for a in actions if not isinstance(a, Send)]
-        sends = sum(isinstance(a, Send) for a in actions)
-        if state != self._traced_state or names:
-            self._traced_state = state
-            self.node.trace(f"provider session "
-                            f"{self.session.job_id.hex()[:8]}: {state}" + (f", {', '.join(names)}" if names else "")
-                            + (f", sends {sends} frame(s)" if sends else ""))
-
-    def _timer(self, deadline: int) -> None:
-        if self.done or self._armed != deadline:
-            return
-        self._armed = None
-        self.apply(self.session.on_timer(self.node.now()))
+        self._arm()
 
     def on_frame(self, data: bytes) -> None:
         if self.done:
