@@ -28,10 +28,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from p2pgpu.core.jobs import MAX_BODY, MAX_MESSAGES, prompt_token_bound
+from p2pgpu.core.jobs import MAX_MESSAGES, encode_body, prompt_token_bound
+from p2pgpu.errors import MalformedInput
 
 ASSISTANT = "assistant"
-MESSAGE_PACK_OVERHEAD = 16  # msgpack headers of one [role, content] pair, with room to spare
 
 
 class ContinuationKind(enum.Enum):
@@ -62,8 +62,15 @@ class Continuation:
     work: Work  # the next attempt's request (unchanged unless kind is CONTINUE)
 
 
-def _body_size(messages: tuple[tuple[str, str], ...]) -> int:
-    return sum(len(role.encode()) + len(content.encode()) + MESSAGE_PACK_OVERHEAD for role, content in messages)
+def _fits_a_request(messages: tuple[tuple[str, str], ...]) -> bool:
+    """Whether the job codec can carry this chat (the one encoding, not an estimate)."""
+    if len(messages) > MAX_MESSAGES:
+        return False
+    try:
+        encode_body("chat", None, messages)
+    except MalformedInput:
+        return False
+    return True
 
 
 def plan_continuation(original: Work, answer: str, delivered_tokens: int, paid: int) -> Continuation:
@@ -88,6 +95,6 @@ def plan_continuation(original: Work, answer: str, delivered_tokens: int, paid: 
     else:
         messages.append((ASSISTANT, answer))
     continued = tuple(messages)
-    if len(continued) > MAX_MESSAGES or _body_size(continued) > MAX_BODY:
+    if not _fits_a_request(continued):
         return Continuation(ContinuationKind.TOO_LONG, original)
     return Continuation(ContinuationKind.CONTINUE, Work(None, continued, left, max_price))

@@ -266,7 +266,9 @@ class JobRequest:
         return job_cost(self.prices, self.max_prompt_tokens, self.max_tokens)
 
 
-def _encode_body(kind: str, prompt: str | None, messages) -> bytes:
+def encode_body(kind: str, prompt: str | None, messages) -> bytes:
+    """A REQUEST's body (the prompt, or the chat messages) as it travels;
+    ``MalformedInput`` when it is not one or does not fit ``MAX_BODY``."""
     if kind == "generate":
         if not isinstance(prompt, str) or messages is not None:
             raise MalformedInput("a generate job has a prompt and no messages")
@@ -313,7 +315,7 @@ def make_request(
 ) -> tuple[Signed, bytes]:
     """Sign a job request; returns (signed request, body bytes)."""
     kind = "chat" if messages is not None else "generate"
-    body = _encode_body(kind, prompt, messages)
+    body = encode_body(kind, prompt, messages)
     signed = sign_object(key, Tag.JOB_REQUEST, network_id, now_ms, [
         job_id, normalize_model_name(model), kind, body_hash(body), max_prompt_tokens, max_tokens,
         prices.price_in, prices.price_out, credit_window, hold.wire,
