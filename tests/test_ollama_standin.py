@@ -13,6 +13,8 @@ Waiting is always on a condition under a generous deadline, never a sleep.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 import signal
@@ -32,19 +34,26 @@ from hypothesis import strategies as st
 from p2pgpu.testing.ollama_standin import (
     DEFAULT_NUM_PREDICT,
     EMBEDDING_LENGTH,
+    IMAGE_TOKENS,
     RUNNER_ERROR,
     SERVER_BUSY,
+    THINK_LEVELS,
+    THINKING_TOKENS,
     VERSION,
     OllamaStandin,
     Outcome,
     count_prompt_tokens,
+    embedding_length,
     expected_completion,
     expected_embedding,
     expected_tokens,
+    expected_tool_call,
+    json_tokens,
     model_card,
     normalize_model_name,
     parse_keep_alive,
     serve_standin,
+    value_for_schema,
 )
 
 LLAMA = "llama3.2:1b"
@@ -737,3 +746,621 @@ async def test_command_line_serves_until_sigterm() -> None:
                 await process.wait()
         if process.stdout is not None:
             await process.stdout.aclose()
+
+
+# -- capabilities, tools, format, options, images, thinking -------------------
+#
+# The rest of the Ollama API: each feature through the official client, and
+# through raw HTTP where the client would change the request (it drops the
+# JSON-schema keywords its Tool model does not know).
+
+QWEN3 = "qwen3:0.6b"  # thinks
+GPT_OSS = "gpt-oss:20b"  # thinks, and takes a level
+LLAVA = "llava:7b"  # sees
+GEMMA = "gemma2:2b"  # no tools
+MINILM = "all-minilm:latest"  # 384-dimensional embeddings
+ZOO = (LLAMA, QWEN, QWEN3, GPT_OSS, LLAVA, GEMMA, EMBEDDER, MINILM)
+PNG = b"\x89PNG\r\n\x1a\n not really an image"
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "description": "How many days"},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string"}, "precise": {"type": "boolean"}},
+            "required": ["zone", "precise"],
+        },
+    },
+}
+# A schema the ollama client would strip (nested properties, bounds, $ref):
+# it goes over raw HTTP and through the openai client.
+BOOKING = {
+    "type": "function",
+    "function": {
+        "name": "book_table",
+        "parameters": {
+            "type": "object",
+            "$defs": {
+                "guest": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "minLength": 3, "maxLength": 12},
+                        "vip": {"type": "boolean"},
+                    },
+                    "required": ["name", "vip"],
+                    "additionalProperties": False,
+                }
+            },
+            "properties": {
+                "party": {"type": "integer", "minimum": 1, "maximum": 12},
+                "when": {"type": "string", "format": "date-time"},
+                "guests": {"type": "array", "items": {"$ref": "#/$defs/guest"}, "minItems": 1},
+                "seating": {"enum": ["inside", "terrace", 7]},
+                "deposit": {"type": "number", "exclusiveMinimum": 0, "maximum": 50},
+                "notes": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "contact": {
+                    "type": "object",
+                    "properties": {"phone": {"type": "string"}, "sms": {"const": True}},
+                    "required": ["phone", "sms"],
+                },
+            },
+            "required": ["party", "when", "guests", "seating", "deposit", "contact"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _json_type(value, kind: str) -> bool:
+    if kind == "integer":
+        return type(value) is int or (type(value) is float and value.is_integer())
+    if kind == "number":
+        return type(value) in (int, float)
+    return {
+        "string": str, "boolean": bool, "object": dict, "array": list, "null": type(None)
+    }[kind] is type(value)  # fmt: skip
+
+
+def _same(a, b) -> bool:
+    return a == b and (type(a) is bool) == (type(b) is bool)
+
+
+def schema_errors(value, schema, root=None, path: str = "$") -> list[str]:
+    """A minimal JSON-schema checker (``jsonschema`` is not a dependency):
+    the keywords the stand-in's generator claims to honour."""
+    root = schema if root is None else root
+    if schema is True:
+        return []
+    if schema is False:
+        return [f"{path}: false schema"]
+    errors: list[str] = []
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"].lstrip("#").split("/")[1:]:
+            target = target[part]
+        errors += schema_errors(value, target, root, path)
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_json_type(value, kind) for kind in kinds):
+            return [*errors, f"{path}: {value!r} is not of type {schema['type']}"]
+    if "enum" in schema and not any(_same(value, option) for option in schema["enum"]):
+        errors.append(f"{path}: {value!r} not in {schema['enum']}")
+    if "const" in schema and not _same(value, schema["const"]):
+        errors.append(f"{path}: {value!r} is not {schema['const']!r}")
+    for part in schema.get("allOf", []):
+        errors += schema_errors(value, part, root, path)
+    if "anyOf" in schema and all(schema_errors(value, s, root, path) for s in schema["anyOf"]):
+        errors.append(f"{path}: matches no anyOf")
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(value, s, root, path)]
+        if len(matching) != 1:
+            errors.append(f"{path}: matches {len(matching)} of oneOf")
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        errors += [f"{path}: {name} missing" for name in schema.get("required", []) if name not in value]
+        for name, item in value.items():
+            if name in properties:
+                errors += schema_errors(item, properties[name], root, f"{path}.{name}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}: {name} not allowed")
+        if len(value) < schema.get("minProperties", 0):
+            errors.append(f"{path}: too few properties")
+    if isinstance(value, list):
+        prefix = schema.get("prefixItems", [])
+        for index, item in enumerate(value):
+            sub = prefix[index] if index < len(prefix) else schema.get("items", True)
+            errors += schema_errors(item, sub, root, f"{path}[{index}]")
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", math.inf):
+            errors.append(f"{path}: {len(value)} items")
+        if schema.get("uniqueItems") and len({repr(item) for item in value}) != len(value):
+            errors.append(f"{path}: items not unique")
+    if isinstance(value, str) and not schema.get("minLength", 0) <= len(value) <= schema.get(
+        "maxLength", math.inf
+    ):
+        errors.append(f"{path}: length {len(value)}")
+    if type(value) in (int, float):
+        for keyword, holds in (
+            ("minimum", lambda bound: value >= bound),
+            ("maximum", lambda bound: value <= bound),
+            ("exclusiveMinimum", lambda bound: value > bound),
+            ("exclusiveMaximum", lambda bound: value < bound),
+            ("multipleOf", lambda step: (value / step) == int(value / step)),
+        ):
+            if keyword in schema and not holds(schema[keyword]):
+                errors.append(f"{path}: {value} fails {keyword} {schema[keyword]}")
+    return errors
+
+
+def assert_valid(value, schema) -> None:
+    assert schema_errors(value, schema) == [], (value, schema)
+
+
+def _leaf_schemas() -> st.SearchStrategy:
+    def bounded_integer(low: int, span: int, step: int | None) -> dict:
+        schema = {"type": "integer", "minimum": low, "maximum": low + span + (step or 0)}
+        return schema if step is None else {**schema, "multipleOf": step}
+
+    def sized_string(least: int, extra: int) -> dict:
+        return {"type": "string", "minLength": least, "maxLength": least + extra}
+
+    return st.one_of(
+        st.just({"type": "string"}),
+        st.builds(sized_string, st.integers(0, 30), st.integers(0, 10)),
+        st.sampled_from([{"type": "string", "format": f} for f in ("date-time", "email", "uuid", "uri")]),
+        st.just({"type": "integer"}),
+        st.builds(bounded_integer, st.integers(-50, 50), st.integers(0, 20), st.none() | st.integers(1, 7)),
+        st.builds(
+            lambda low, span: {"type": "number", "exclusiveMinimum": low, "maximum": low + span},
+            st.integers(-50, 50), st.integers(1, 20),
+        ),
+        st.just({"type": "number"}),
+        st.just({"type": "boolean"}),
+        st.just({"type": "null"}),
+        st.builds(
+            lambda options: {"enum": options},
+            st.lists(st.integers() | st.text(max_size=5), min_size=1, max_size=4),
+        ),
+        st.builds(lambda value: {"const": value}, st.integers() | st.booleans() | st.text(max_size=5)),
+        st.just({"type": ["string", "null"]}),
+    )  # fmt: skip
+
+
+def _schemas() -> st.SearchStrategy:
+    names = st.text("abcdefgh", min_size=1, max_size=5)
+
+    def extend(children: st.SearchStrategy) -> st.SearchStrategy:
+        objects = st.dictionaries(names, children, max_size=4).flatmap(
+            lambda props: st.builds(
+                lambda required, closed: {
+                    "type": "object",
+                    "properties": props,
+                    "required": required,
+                    **({"additionalProperties": False} if closed else {}),
+                },
+                st.lists(st.sampled_from(sorted(props)), unique=True) if props else st.just([]),
+                st.booleans(),
+            )
+        )
+        arrays = st.builds(
+            lambda items, least, extra: {"type": "array", "items": items, "minItems": least, "maxItems": least + extra},
+            children, st.integers(0, 3), st.integers(0, 3),
+        )  # fmt: skip
+        optional = st.builds(lambda child: {"anyOf": [child, {"type": "null"}]}, children)
+        return st.one_of(objects, arrays, optional)
+
+    return st.recursive(_leaf_schemas(), extend, max_leaves=12)
+
+
+@settings(deadline=None, max_examples=300)
+@given(schema=_schemas(), key=st.text(max_size=8))
+def test_generated_values_validate_against_their_schema(schema: dict, key: str) -> None:
+    value = value_for_schema(schema, key)
+    assert_valid(value, schema)
+    assert value == value_for_schema(schema, key)  # a pure function of (schema, key)
+
+
+def test_generated_values_follow_refs_and_composition() -> None:
+    parameters = BOOKING["function"]["parameters"]
+    values = [value_for_schema(parameters, str(i)) for i in range(40)]
+    for value in values:
+        assert_valid(value, parameters)
+    assert len({json.dumps(value, sort_keys=True) for value in values}) > 30
+    # optional properties come and go; required ones are always there
+    assert {"notes" in value for value in values} == {True, False}
+    pydantic_style = {
+        "$defs": {"Pet": {"properties": {"name": {"title": "Name", "type": "string"}}, "required": ["name"],
+                          "title": "Pet", "type": "object"}},
+        "properties": {"pets": {"items": {"$ref": "#/$defs/Pet"}, "title": "Pets", "type": "array",
+                                "uniqueItems": True},
+                       "owner": {"allOf": [{"$ref": "#/$defs/Pet"}], "description": "who"}},
+        "required": ["pets", "owner"], "title": "Household", "type": "object",
+    }  # fmt: skip
+    for i in range(20):
+        assert_valid(value_for_schema(pydantic_style, str(i)), pydantic_style)
+
+
+@settings(deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+))  # fmt: skip
+def test_json_tokens_join_to_the_text(value) -> None:
+    text = json.dumps(value, ensure_ascii=False)
+    tokens = json_tokens(text)
+    assert "".join(tokens) == text and all(tokens)
+
+
+def test_capabilities_follow_the_name() -> None:
+    assert model_card(LLAMA).capabilities == ("completion", "tools")
+    assert model_card(QWEN).capabilities == ("completion", "tools")
+    assert model_card(QWEN3).capabilities == ("completion", "tools", "thinking")
+    assert model_card("deepseek-r1:7b").capabilities == ("completion", "tools", "thinking")
+    assert model_card(GPT_OSS).capabilities == ("completion", "tools", "thinking")
+    assert model_card(LLAVA).capabilities == ("completion", "vision")
+    assert model_card("gemma3:4b").capabilities == ("completion", "vision")
+    assert model_card("qwen2.5vl:3b").capabilities == ("completion", "vision", "tools")
+    assert model_card(GEMMA).capabilities == ("completion",)
+    assert model_card("qwen2.5-coder:1.5b").capabilities == ("completion", "tools", "insert")
+    for embedder in (EMBEDDER, MINILM, "mxbai-embed-large", "bge-m3"):
+        assert model_card(embedder).capabilities == ("embedding",)
+    assert [embedding_length(m) for m in (EMBEDDER, MINILM, "mxbai-embed-large", LLAMA)] == [
+        768, 384, 1024, EMBEDDING_LENGTH,
+    ]  # fmt: skip
+
+
+def test_stop_sequences_and_temperature_zero() -> None:
+    whole = expected_completion(LLAMA, "tell me", seed=5)
+    cut_at = whole.text.index(whole.tokens[10].strip(), len("".join(whole.tokens[:10])))
+    stop = whole.text[cut_at : cut_at + 6]  # may span two tokens
+    stopped = expected_completion(LLAMA, "tell me", seed=5, stop=[stop, "never said"])
+    assert stopped.text == whole.text[: whole.text.index(stop)]
+    assert stopped.done_reason == "stop"
+    assert 10 < stopped.eval_count <= 12 and stopped.eval_count < whole.eval_count
+    # num_predict before the stop sequence: a plain cut
+    assert expected_completion(LLAMA, "tell me", seed=5, num_predict=3, stop=[stop]).tokens == whole.tokens[:3]
+    # temperature 0 is greedy: the seed does not matter
+    greedy = expected_completion(LLAMA, "tell me", seed=5, temperature=0)
+    assert greedy == expected_completion(LLAMA, "tell me", temperature=0) == expected_completion(LLAMA, "tell me")
+    assert greedy != whole
+    assert expected_completion(LLAMA, "tell me", seed=5, temperature=0.7) == whole
+
+
+@pytest.fixture
+async def zoo() -> AsyncIterator[OllamaStandin]:
+    async with serve_standin(ZOO, tokens_per_second=2000) as standin:
+        yield standin
+
+
+@pytest.fixture
+async def zoo_client(zoo: OllamaStandin) -> AsyncIterator[ollama.AsyncClient]:
+    client = ollama.AsyncClient(host=zoo.host)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def zoo_http(zoo: OllamaStandin) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=zoo.host) as http:
+        yield http
+
+
+async def test_show_reports_capabilities(zoo_client: ollama.AsyncClient) -> None:
+    assert (await zoo_client.show(QWEN3)).capabilities == ["completion", "tools", "thinking"]
+    assert (await zoo_client.show(LLAVA)).capabilities == ["completion", "vision"]
+    shown = await zoo_client.show(MINILM)
+    assert shown.modelinfo is not None and shown.modelinfo["bert.embedding_length"] == 384
+
+
+async def test_a_tool_call_is_streamed_as_one_chunk_before_the_final_one(
+    zoo: OllamaStandin, zoo_client: ollama.AsyncClient
+) -> None:
+    messages = [{"role": "user", "content": "What is the time in Lima? Use get_time."}]
+    stream = await zoo_client.chat(model=LLAMA, messages=messages, tools=[WEATHER, CLOCK], stream=True)
+    parts = [part async for part in stream]
+    *chunks, final = parts
+    assert [part.message.content for part in chunks] == [""]
+    (call,) = chunks[0].message.tool_calls
+    assert call.function.name == "get_time"  # named in the message
+    assert_valid(dict(call.function.arguments), CLOCK["function"]["parameters"])
+    expected = expected_completion(LLAMA, messages, tools=[WEATHER, CLOCK])
+    assert expected.tool_calls == (expected_tool_call(LLAMA, messages, [WEATHER, CLOCK]),)
+    assert {"name": call.function.name, "arguments": dict(call.function.arguments)} == {
+        k: v for k, v in expected.tool_calls[0]["function"].items() if k != "index"
+    }
+    assert (final.done, final.done_reason, final.message.content) == (True, "stop", "")
+    assert final.eval_count == expected.eval_count == len(
+        json_tokens(json.dumps({"name": "get_time", "arguments": call.function.arguments}))
+    )
+    assert final.prompt_eval_count == expected.prompt_eval_count > count_prompt_tokens(messages)
+    assert zoo.generations[-1].tokens_sent == expected.eval_count
+
+
+async def test_tool_choice_is_deterministic_and_arguments_always_validate(
+    zoo_client: ollama.AsyncClient,
+) -> None:
+    chosen = set()
+    for index in range(12):
+        messages = [{"role": "user", "content": f"question {index}"}]
+        reply = await zoo_client.chat(model=QWEN, messages=messages, tools=[WEATHER, CLOCK], think=False)
+        (call,) = reply.message.tool_calls
+        tool = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]
+        assert_valid(dict(call.function.arguments), tool["function"]["parameters"])
+        assert call.function.name == expected_tool_call(QWEN, messages, [WEATHER, CLOCK])["function"]["name"]
+        chosen.add(call.function.name)
+    assert chosen == {"get_weather", "get_time"}  # drawn, not fixed
+
+
+async def test_a_tool_result_gets_an_ordinary_answer(zoo_client: ollama.AsyncClient) -> None:
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    first = await zoo_client.chat(model=LLAMA, messages=ask, tools=[WEATHER])
+    (call,) = first.message.tool_calls
+    conversation = [
+        *ask,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": call.function.name, "arguments": dict(call.function.arguments)}}
+        ]},
+        {"role": "tool", "content": "Sunny, 21 degrees", "tool_name": "get_weather"},
+    ]  # fmt: skip
+    answer = await zoo_client.chat(model=LLAMA, messages=conversation, tools=[WEATHER], options={"num_predict": 12})
+    expected = expected_completion(LLAMA, conversation, num_predict=12, tools=[WEATHER])
+    assert answer.message.tool_calls is None
+    assert answer.message.content == expected.text and expected.tool_calls == ()
+    # the tool's result is part of what the model answers
+    other = [*conversation[:-1], {**conversation[-1], "content": "Rain"}]
+    assert expected_completion(LLAMA, other, num_predict=12).text != expected.text
+
+
+async def test_nested_tool_schemas_over_raw_http(zoo_http: httpx.AsyncClient) -> None:
+    parameters = BOOKING["function"]["parameters"]
+    for index in range(8):
+        messages = [{"role": "user", "content": f"book a table for tonight, take {index}"}]
+        body = {"model": LLAMA, "messages": messages, "tools": [BOOKING], "stream": False}
+        reply = (await zoo_http.post("/api/chat", json=body)).json()
+        (call,) = reply["message"]["tool_calls"]
+        assert call["function"]["index"] == 0 and call["function"]["name"] == "book_table"
+        assert_valid(call["function"]["arguments"], parameters)
+        assert call == expected_tool_call(LLAMA, messages, [BOOKING])
+
+
+async def test_num_predict_cutting_a_tool_call_leaves_its_text(zoo_client: ollama.AsyncClient) -> None:
+    messages = [{"role": "user", "content": "weather?"}]
+    parts = [part async for part in await zoo_client.chat(
+        model=LLAMA, messages=messages, tools=[WEATHER], options={"num_predict": 8}, stream=True)]  # fmt: skip
+    (final,) = parts  # nothing went out before the end
+    expected = expected_completion(LLAMA, messages, num_predict=8, tools=[WEATHER])
+    assert final.message.content == expected.tail == expected.text == '{"name": "get_weather"'
+    assert (final.done_reason, final.eval_count, final.message.tool_calls) == ("length", 8, None)
+
+
+async def test_models_without_tools_refuse_them(zoo_http: httpx.AsyncClient) -> None:
+    body = {"model": GEMMA, "messages": HELLO, "tools": [WEATHER]}
+    refused = await zoo_http.post("/api/chat", json=body)
+    assert (refused.status_code, refused.json()) == (
+        400, {"error": "registry.ollama.ai/library/gemma2:2b does not support tools"},
+    )  # fmt: skip
+    embedder = await zoo_http.post("/api/chat", json={**body, "model": EMBEDDER})
+    assert embedder.json() == {"error": '"nomic-embed-text" does not support chat'}
+    # an empty tools list asks for nothing
+    ok = await zoo_http.post("/api/chat", json={**body, "tools": [], "stream": False})
+    assert ok.status_code == 200
+    bad = await zoo_http.post("/api/chat", json={**body, "model": LLAMA, "tools": [1]})
+    assert bad.json() == {
+        "error": "json: cannot unmarshal number into Go struct field ChatRequest.tools of type api.Tool"
+    }
+
+
+async def test_format_json_and_schema_replies_parse_and_validate(
+    zoo: OllamaStandin, zoo_client: ollama.AsyncClient
+) -> None:
+    stream = await zoo_client.generate(model=LLAMA, prompt="a record", format="json", stream=True)
+    parts = [part async for part in stream]
+    text = "".join(part.response for part in parts[:-1])
+    assert isinstance(json.loads(text), dict)
+    expected = expected_completion(LLAMA, "a record", format="json")
+    assert [part.response for part in parts[:-1]] == list(expected.tokens)
+    assert (parts[-1].done_reason, parts[-1].eval_count) == ("stop", len(json_tokens(text)))
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 2},
+        },
+        "required": ["name", "age", "tags"],
+    }
+    for prompt in ("alice", "bob", "carol"):
+        reply = await zoo_client.chat(model=QWEN, messages=[{"role": "user", "content": prompt}], format=schema)
+        assert_valid(json.loads(reply.message.content), schema)
+        assert reply.message.content == expected_completion(QWEN, prompt, format=schema).text
+    # num_predict cuts the JSON, as it would cut a real model's
+    cut = await zoo_client.generate(model=LLAMA, prompt="a record", format="json", options={"num_predict": 3})
+    assert cut.done_reason == "length" and cut.response == "".join(expected.tokens[:3])
+
+
+async def test_a_format_ollama_cannot_use_is_a_500(zoo_http: httpx.AsyncClient) -> None:
+    bad = await zoo_http.post("/api/generate", json={"model": LLAMA, "prompt": "x", "format": "xml"})
+    assert (bad.status_code, bad.json()) == (
+        500, {"error": 'invalid format: "\\"xml\\""; expected "json" or a valid JSON Schema object'},
+    )  # fmt: skip
+    for unset in (None, ""):
+        fine = await zoo_http.post(
+            "/api/generate", json={"model": LLAMA, "prompt": "x", "format": unset, "stream": False}
+        )
+        assert fine.json()["response"] == expected_completion(LLAMA, "x").text
+
+
+async def test_stop_options_and_sampling_options(zoo_client: ollama.AsyncClient) -> None:
+    whole = expected_completion(LLAMA, HELLO, seed=9)
+    stop = whole.tokens[20].strip()
+    parts = [part async for part in await zoo_client.chat(
+        model=LLAMA, messages=HELLO, options={"seed": 9, "stop": [stop]}, stream=True)]  # fmt: skip
+    expected = expected_completion(LLAMA, HELLO, seed=9, stop=[stop])
+    assert [part.message.content for part in parts[:-1]] == list(expected.tokens)
+    assert "".join(expected.tokens) == whole.text[: whole.text.index(stop)]
+    assert (parts[-1].done_reason, parts[-1].eval_count) == ("stop", expected.eval_count)
+    # sampling options are accepted and change nothing but through seed/temperature
+    sampled = await zoo_client.chat(model=LLAMA, messages=HELLO, options={
+        "seed": 9, "temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "typical_p": 1.0,
+        "repeat_penalty": 1.1, "repeat_last_n": 64, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+        "mirostat": 2,  # unknown to Ollama 0.12.6: ignored
+    })  # fmt: skip
+    assert sampled.message.content == whole.text
+    greedy = await zoo_client.generate(model=LLAMA, prompt="x", options={"seed": 9, "temperature": 0})
+    assert greedy.response == expected_completion(LLAMA, "x").text
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"temperature": "hot"}, 'option "temperature" must be of type float32'),
+        ({"top_k": True}, 'option "top_k" must be of type integer'),
+        ({"stop": "\n"}, 'option "stop" must be of type array'),
+        ({"stop": ["a", 1]}, 'option "stop" must be of an array of strings'),
+        ({"use_mmap": 1}, 'option "use_mmap" must be of type boolean'),
+    ],
+)
+async def test_options_of_the_wrong_type_are_500s_as_in_ollama(
+    zoo_http: httpx.AsyncClient, options: dict, error: str
+) -> None:
+    response = await zoo_http.post("/api/chat", json={"model": LLAMA, "messages": HELLO, "options": options})
+    assert (response.status_code, response.json()) == (500, {"error": error})
+    not_an_object = await zoo_http.post("/api/chat", json={"model": LLAMA, "messages": HELLO, "options": 3})
+    assert not_an_object.status_code == 400
+
+
+async def test_a_vision_model_sees_images(zoo_client: ollama.AsyncClient) -> None:
+    reply = await zoo_client.generate(model=LLAVA, prompt="What is this?", images=[PNG])
+    expected = expected_completion(LLAVA, "What is this?", images=[PNG])
+    assert reply.response == expected.text and reply.response.startswith("I see 1 image. ")
+    assert reply.prompt_eval_count == expected.prompt_eval_count == 3 + IMAGE_TOKENS
+    # other images, another answer; chat takes them on a message
+    other = await zoo_client.generate(model=LLAVA, prompt="What is this?", images=[PNG + b"!"])
+    assert other.response != reply.response
+    messages = [{"role": "user", "content": "And these?", "images": [PNG, PNG]}]
+    chat = await zoo_client.chat(model=LLAVA, messages=messages)
+    wire = [{**messages[0], "images": [base64.b64encode(PNG).decode()] * 2}]
+    assert chat.message.content == expected_completion(LLAVA, wire).text
+    assert chat.message.content.startswith("I see 2 images. ")
+    assert chat.prompt_eval_count == count_prompt_tokens(messages) + 2 * IMAGE_TOKENS
+
+
+async def test_a_model_without_vision_ignores_images_as_ollama_does(zoo_client: ollama.AsyncClient) -> None:
+    reply = await zoo_client.generate(model=LLAMA, prompt="What is this?", images=[PNG])
+    assert reply.response == expected_completion(LLAMA, "What is this?").text
+    assert reply.prompt_eval_count == 3
+
+
+@pytest.mark.parametrize(
+    ("image", "offset"),
+    [("abc", 0), ("ab!d", 2), ("YQ=", 3), ("YQ==YQ==", 4), ("Y===", 1), ("éé==", 0)],
+)
+async def test_images_must_be_base64_as_go_decodes_it(
+    zoo_http: httpx.AsyncClient, image: str, offset: int
+) -> None:
+    body = {"model": LLAVA, "prompt": "x", "images": ["YWJj", image]}
+    refused = await zoo_http.post("/api/generate", json=body)
+    assert (refused.status_code, refused.json()) == (
+        400, {"error": f"illegal base64 data at input byte {offset}"},
+    )  # fmt: skip
+    chat = {"model": LLAVA, "messages": [{"role": "user", "content": "x", "images": [image]}]}
+    assert (await zoo_http.post("/api/chat", json=chat)).status_code == 400
+    fine = {"model": LLAVA, "prompt": "x", "images": ["YQ==", "YWJj\nZGVm"], "stream": False}
+    assert (await zoo_http.post("/api/generate", json=fine)).status_code == 200
+
+
+async def test_thinking_streams_before_content(zoo: OllamaStandin, zoo_client: ollama.AsyncClient) -> None:
+    # A thinking model thinks unless told not to (Ollama 0.12.6).
+    parts = [part async for part in await zoo_client.chat(model=QWEN3, messages=HELLO, stream=True)]
+    expected = expected_completion(QWEN3, HELLO)
+    thinking = [part.message.thinking for part in parts if part.message.thinking]
+    content = [part.message.content for part in parts[:-1] if part.message.content]
+    assert thinking == list(expected.thinking) and len(thinking) == THINKING_TOKENS["medium"]
+    assert content == list(expected.tokens)
+    first_content = next(i for i, part in enumerate(parts) if part.message.content)
+    assert all(not part.message.content for part in parts[:first_content])
+    assert parts[-1].eval_count == len(thinking) + len(content) == expected.eval_count
+    assert expected_completion(QWEN3, HELLO, think=True) == expected
+
+    quiet = await zoo_client.chat(model=QWEN3, messages=HELLO, think=False)
+    assert quiet.message.thinking is None and quiet.message.content == expected.text
+
+    whole = await zoo_client.generate(model=QWEN3, prompt="Say hello to the network.")
+    assert (whole.thinking, whole.response) == (expected.thinking_text, expected.text)
+
+
+@pytest.mark.parametrize("level", THINK_LEVELS)
+async def test_think_levels_on_a_model_that_takes_them(zoo_client: ollama.AsyncClient, level: str) -> None:
+    parts = [part async for part in await zoo_client.generate(model=GPT_OSS, prompt="plan", think=level, stream=True)]
+    thinking = [part.thinking for part in parts if part.thinking]
+    assert len(thinking) == THINKING_TOKENS[level]
+    assert thinking == list(expected_completion(GPT_OSS, "plan", think=level).thinking)
+    assert "".join(part.response for part in parts) == expected_completion(GPT_OSS, "plan").text
+
+
+async def test_think_refusals(zoo_http: httpx.AsyncClient) -> None:
+    async def error(path: str, **fields) -> tuple[int, str]:
+        body = {"model": QWEN3, "messages": HELLO, "prompt": "x", **fields}
+        response = await zoo_http.post(path, json=body)
+        return response.status_code, response.json()["error"]
+
+    level = (400, 'think value "high" is not supported for this model')
+    assert await error("/api/chat", think="high") == level
+    assert await error("/api/generate", think="high") == level
+    assert await error("/api/generate", model=LLAMA, think="low") == (
+        400, 'think value "low" is not supported for this model'
+    )  # fmt: skip
+    assert await error("/api/chat", model=LLAMA, think="low") == (
+        400, '"llama3.2:1b" does not support thinking'
+    )  # fmt: skip
+    assert await error("/api/chat", think="max") == (
+        400, 'invalid think value: "max" (must be "high", "medium", "low", true, or false)'
+    )  # fmt: skip
+    assert await error("/api/chat", think=1) == (
+        400, 'think must be a boolean or string ("high", "medium", "low", true, or false)'
+    )  # fmt: skip
+
+
+async def test_embeddings_per_model_dimensions_and_truncation(
+    zoo_client: ollama.AsyncClient, zoo_http: httpx.AsyncClient
+) -> None:
+    small = await zoo_client.embed(model=MINILM, input="a short text")
+    assert len(small.embeddings[0]) == 384 == embedding_length(MINILM)
+    assert list(small.embeddings[0]) == expected_embedding(MINILM, "a short text")
+    cut = await zoo_client.embed(model=MINILM, input="a short text", dimensions=8)
+    assert list(cut.embeddings[0]) == expected_embedding(MINILM, "a short text", 8)
+    assert math.isclose(sum(v * v for v in cut.embeddings[0]), 1.0)
+    # an input longer than the context (options.num_ctx here) is cut to it...
+    long = "one two three four five six"
+    truncated = await zoo_client.embed(model=EMBEDDER, input=[long, "two words"], options={"num_ctx": 4})
+    assert [list(v) for v in truncated.embeddings] == [
+        expected_embedding(EMBEDDER, "one two three four"), expected_embedding(EMBEDDER, "two words"),
+    ]  # fmt: skip
+    assert truncated.prompt_eval_count == 4 + 2
+    # ... or refused when truncate is false
+    body = {"model": EMBEDDER, "input": long, "options": {"num_ctx": 4}, "truncate": False}
+    refused = await zoo_http.post("/api/embed", json=body)
+    assert (refused.status_code, refused.json()) == (400, {"error": "input exceeds maximum context length"})
+    bad = await zoo_http.post("/api/embed", json={"model": EMBEDDER, "input": "x", "options": {"num_ctx": "big"}})
+    assert (bad.status_code, bad.json()) == (500, {"error": 'option "num_ctx" must be of type integer'})
