@@ -52,8 +52,8 @@ the 200 has gone out, an error becomes the stream's last line,
 ``{"type": "error", "error": <message>, "kind": <name>}``. A client that
 disconnects closes the view's generator (it sees ``Cancelled`` or
 ``GeneratorExit``), so the node can cancel the job. Its body may be up to
-``MAX_SUBMIT_BODY``; the prompt text (prompt, messages and system together)
-up to ``MAX_PROMPT_BYTES`` of UTF-8.
+``MAX_SUBMIT_BODY``; the prompt text (prompt, messages or embedding inputs,
+system and the params' JSON together) up to ``MAX_PROMPT_BYTES`` of UTF-8.
 
 Status codes. Every error body is ``{"error": <message>, "type": <name>}``,
 where ``type`` is the ``P2PGPUError`` subclass's name when the view raised
@@ -94,13 +94,11 @@ client then finds the port closed and says the node is not running.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -109,8 +107,6 @@ from hmac import compare_digest
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, TypedDict
 
-import hypercorn.config
-import hypercorn.trio
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -121,10 +117,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from p2pgpu.core.identity import public_key_from_peer_id
+from p2pgpu.core.jobparams import JobParams
+from p2pgpu.core.jobs import CHAT_ROLES, MAX_EMBED_INPUTS, check_job_params
 from p2pgpu.core.units import parse_coins
 from p2pgpu.datadir import DataDir
+from p2pgpu.httpserve import bind_tcp, serve_asgi
 from p2pgpu.errors import (
-    AddressInUse,
     ConfigError,
     JobStateConflict,
     LedgerRuleViolation,
@@ -177,7 +175,7 @@ DEFAULT_JOBS_LISTED: Final = 100
 JOB_ROLES: Final = frozenset({"consumer", "provider"})
 _JOB_REF = re.compile(r"[0-9a-fA-F]{4,32}")
 _LIMIT = re.compile(r"[0-9]{1,6}")
-ROLES: Final = frozenset({"system", "user", "assistant"})
+ROLES: Final = frozenset(CHAT_ROLES)  # system, user, assistant, tool (a tool's result)
 API_ADDRESS_FILE: Final = "api.addr"
 # How long a stopping server may take to finish the requests in flight before
 # they are cut off. Local requests are short; `send` is one ledger write.
@@ -331,16 +329,25 @@ class JobDetail(JobInfo):
 @dataclass(frozen=True, slots=True)
 class SubmitRequest:
     """An inference job as ``POST /v1/submit`` hands it to the view, checked:
-    exactly one of ``prompt`` and ``messages``; roles among ``ROLES``;
-    ``max_tokens`` in 1..``MAX_TOKENS_LIMIT``; ``max_price`` >= 0."""
+    exactly one of ``prompt``, ``messages`` and ``inputs``; roles among
+    ``ROLES``; ``max_tokens`` in 1..``MAX_TOKENS_LIMIT``; ``max_price`` >= 0;
+    ``params`` within their bounds and fit for the job (``JobParams``,
+    ``p2pgpu.core.jobs.check_job_params``; their message indexes name
+    ``messages`` as given, before ``system`` is put first).
+
+    ``inputs`` makes it an embedding job: one vector per text, each billed
+    as one output token, so ``max_tokens`` is ``len(inputs)``; no
+    ``system``, and params only ``truncate``/``dimensions``."""
 
     model: str
     prompt: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None  # (role, content); role in system/user/assistant
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content); role in ROLES
     system: str | None = None
     max_tokens: int = 256
     max_price: int | None = None  # base units for the whole job
     retry: bool = True  # fail over to the next provider
+    params: JobParams = JobParams()  # options, format, tools, images, think...
+    inputs: tuple[str, ...] | None = None  # an embedding job's texts
 
 
 class NodeView(Protocol):
@@ -388,10 +395,23 @@ class NodeView(Protocol):
         "job_id", "price_in", "price_out"}``, ``{"type": "token", "text"}`` and
         ``{"type": "retry", "provider", "reason"}``; then exactly one of
         ``{"type": "done", "job_id", "provider", "tokens", "prompt_tokens",
-        "cost", "tokens_per_s", "ttft_s", "release"}`` or ``{"type": "error",
-        "error", "kind"}``. A ``P2PGPUError`` raised before the first event
-        becomes an ordinary error answer. The API closes the generator when
-        the client goes away (``Cancelled`` or ``GeneratorExit`` inside it)."""
+        "cost", "tokens_per_s", "ttft_s", "release", "done_reason",
+        "eval_count", "durations_ns"}`` or ``{"type": "error", "error",
+        "kind"}``. A ``P2PGPUError`` raised before the first event becomes an
+        ordinary error answer. The API closes the generator when the client
+        goes away (``Cancelled`` or ``GeneratorExit`` inside it).
+
+        A token event that is not the answer's text says so:
+        ``{"type": "token", "text", "channel"}`` with ``channel`` one of
+        "thinking", "tool_call" (``text``: the JSON ``{"name", "arguments"}``
+        of one call) and "embedding" (``text``: base64 of the vector's
+        little-endian float32 values, one event per input, in order); the
+        answer's text has no ``channel``. In "done", ``done_reason`` is
+        "length" when the output tokens reached ``max_tokens`` (an embedding
+        job: always "stop"), else "stop"; ``eval_count`` counts every output
+        token delivered (``tokens``, under Ollama's name), and
+        ``durations_ns`` is ``{"total", "load", "prompt_eval", "eval"}`` from
+        the last provider's receipt (zeros without one)."""
         ...
 
     def jobs(self, role: str | None, limit: int) -> list[JobInfo]:
@@ -570,18 +590,22 @@ def _submit_request(body: dict[str, Any]) -> SubmitRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise MalformedInput(f'"model" must be a non-empty string, got {_json_type(model)}')
-    if ("prompt" in body) == ("messages" in body):
-        raise MalformedInput('give exactly one of "prompt" (text) or "messages" ([[role, content], ...])')
+    if sum(field in body for field in ("prompt", "messages", "input")) != 1:
+        raise MalformedInput('give exactly one of "prompt" (text) or "messages" ([[role, content], ...]), '
+                             'or "input" (texts to embed)')
+    params = _submit_params(body.get("params"))
     prompt: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
+    inputs: tuple[str, ...] | None = None
     if "prompt" in body:
         prompt = body["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise MalformedInput(f'"prompt" must be a non-empty string, got {_json_type(prompt)}')
-        if not prompt.strip():
+        if not prompt.strip() and not params.images:
             raise MalformedInput('"prompt" is only whitespace: there is nothing to answer')
         size = len(prompt.encode("utf-8", "surrogatepass"))
-    else:
+        kind = "generate"
+    elif "messages" in body:
         raw = body["messages"]
         if not isinstance(raw, list) or not raw:
             raise MalformedInput(f'"messages" must be a non-empty array of [role, content], got {_json_type(raw)}')
@@ -594,18 +618,40 @@ def _submit_request(body: dict[str, Any]) -> SubmitRequest:
                 raise MalformedInput(f'"messages"[{index}]: role {role!r} is not one of {sorted(ROLES)}')
             pairs.append((role, content))
         messages = tuple(pairs)
-        if not any(content.strip() for role, content in messages if role != "assistant"):
+        with_images = {index for index, extra in params.message_extras if extra.images}
+        if not any(content.strip() or index in with_images
+                   for index, (role, content) in enumerate(messages) if role != "assistant"):
             raise MalformedInput('"messages" has no text to answer: every system and user message is empty')
         size = sum(len(content.encode("utf-8", "surrogatepass")) for _, content in messages)
+        kind = "chat"
+    else:
+        raw = body["input"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(text, str) for text in raw):
+            raise MalformedInput(f'"input" must be a non-empty array of strings, got {_json_type(raw)}')
+        if len(raw) > MAX_EMBED_INPUTS:
+            raise MalformedInput(f'"input" has {len(raw)} texts; at most {MAX_EMBED_INPUTS} are allowed')
+        inputs = tuple(raw)
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in inputs)
+        kind = "embed"
+    try:
+        check_job_params(kind, params, len(messages or ()))
+    except MalformedInput as exc:
+        raise MalformedInput(f'"params": {exc}') from None
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         raise MalformedInput(f'"system" must be a string, got {_json_type(system)}')
+    if system is not None and inputs is not None:
+        raise MalformedInput('"system" is for prompts and messages; an embedding job ("input") has none')
     size += len(system.encode("utf-8", "surrogatepass")) if system else 0
+    size += 0 if params.empty else len(params.to_json().encode("utf-8"))
     if size > MAX_PROMPT_BYTES:
         raise MalformedInput(f"the prompt is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are allowed")
-    max_tokens = body.get("max_tokens", 256)
+    max_tokens = body.get("max_tokens", 256 if inputs is None else len(inputs))
     if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise MalformedInput(f'"max_tokens" must be an integer from 1 to {MAX_TOKENS_LIMIT}')
+    if inputs is not None and max_tokens != len(inputs):
+        raise MalformedInput(f'"max_tokens" of an embedding job is its number of inputs ({len(inputs)}): '
+                             "one vector each; leave it out")
     if "max_price" in body and "max_price_coins" in body:
         raise MalformedInput('give at most one of "max_price" (base units) or "max_price_coins" (text like "0.5")')
     max_price = body.get("max_price")
@@ -624,7 +670,20 @@ def _submit_request(body: dict[str, Any]) -> SubmitRequest:
         max_tokens=max_tokens,
         max_price=max_price,
         retry=retry,
+        params=params,
+        inputs=inputs,
     )
+
+
+def _submit_params(value: Any) -> JobParams:
+    """``"params"``: the ``JobParams.to_wire`` shape, every field checked
+    (``MalformedInput`` naming it); absent or null is no params."""
+    if value is None:
+        return JobParams()
+    try:
+        return JobParams.from_wire(value)
+    except MalformedInput as exc:
+        raise MalformedInput(f'"params": {exc}') from None
 
 
 _FINAL_EVENTS: Final = frozenset({"done", "error"})
@@ -723,7 +782,8 @@ class _Handlers:
     _SEND_FIELDS = frozenset({"to", "amount", "coins", "memo"})
     _FAUCET_FIELDS = frozenset({"to", "amount", "coins"})
     _SUBMIT_FIELDS = frozenset(
-        {"model", "prompt", "messages", "system", "max_tokens", "max_price", "max_price_coins", "retry"}
+        {"model", "prompt", "messages", "input", "system", "max_tokens", "max_price", "max_price_coins", "retry",
+         "params"}
     )
 
     def __init__(self, view: NodeView) -> None:
@@ -894,28 +954,10 @@ def create_app(view: NodeView, token: str) -> Starlette:
 
 
 def _bind(port: int) -> int:
-    """A TCP socket bound to 127.0.0.1:``port``, as a bare descriptor.
-
-    Bound here rather than by hypercorn so that a taken port is our own
-    ``OSError`` (hypercorn leaks the socket whose bind failed, and reports
-    the error wrapped in three exception groups). The descriptor is
-    detached and handed over as ``fd://N``: from then on hypercorn's
-    listener owns it and closes it when serving stops.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((LOOPBACK, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUse(
-                f"cannot listen on {LOOPBACK}:{port}: the API port is in use "
-                "(is another node running? pick another with --api-port, or 0 for any free port)"
-            ) from exc
-        raise ConfigError(f"cannot listen on {LOOPBACK}:{port}: {exc.strerror or exc}") from exc
-    return sock.detach()
+    """A TCP socket bound to 127.0.0.1:``port``, as a bare descriptor
+    (``p2pgpu.httpserve.bind_tcp``: a taken port is our own ``AddressInUse``)."""
+    return bind_tcp(LOOPBACK, port, what="API",
+                    hint="is another node running? pick another with --api-port, or 0 for any free port")
 
 
 async def serve_api(
@@ -933,47 +975,17 @@ async def serve_api(
     exists only to be refused: anything but ``127.0.0.1`` is a
     ``ConfigError``, so no configuration mistake can put the API on a
     network interface. A port that cannot be bound is a ``ConfigError`` too.
-
-    Cancelling the surrounding scope stops the server gracefully: the
-    listening socket closes, idle keep-alive connections are dropped, and
-    requests in flight get up to ``SHUTDOWN_GRACE_S`` to finish before they
-    are cut off. That needs hypercorn's own shutdown path, which a plain
-    cancellation would skip, so hypercorn runs in a shielded scope and the
-    cancellation is turned into its shutdown trigger, with a deadline on
-    the shield so shutdown can never hang.
+    Cancelling the surrounding scope stops the server gracefully
+    (``p2pgpu.httpserve.serve_asgi``).
     """
     if host != LOOPBACK:
         raise ConfigError(f"the local API listens on {LOOPBACK} only, not {host!r}")
     if type(port) is not int or not 0 <= port <= 65535:
         raise ConfigError(f"API port must be an integer from 0 to 65535, got {port!r}")
-    config = hypercorn.config.Config()
-    config.accesslog = None
-    config.errorlog = logging.getLogger(f"{__name__}.hypercorn")
-    config.include_server_header = False
-    config.graceful_timeout = SHUTDOWN_GRACE_S
-    shutdown = trio.Event()
-    server_scope = trio.CancelScope(shield=True)
-
     # Bound before any task starts, so a taken port raises ConfigError
-    # itself rather than inside a nursery's exception group; the shield
-    # below keeps cancellation from landing before hypercorn adopts it.
-    config.bind = [f"fd://{_bind(port)}"]
-
-    async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        with server_scope:
-            await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
-
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(run_hypercorn)
-        bound = int(binds[0].rsplit(":", 1)[1])
-        logger.info("local API listening on %s", api_url(bound))
-        task_status.started(bound)
-        try:
-            await trio.sleep_forever()
-        finally:
-            shutdown.set()
-            server_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S + 1.0
-            logger.info("local API on %s stopping", api_url(bound))
+    # itself rather than inside a nursery's exception group.
+    fd = _bind(port)
+    await serve_asgi(app, fd, logger=logger, name="local API", grace_s=SHUTDOWN_GRACE_S, task_status=task_status)
 
 
 # ------------------------------------------------------- the address file

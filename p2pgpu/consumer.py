@@ -17,7 +17,8 @@ trio:
 - attempts: through an ``AttemptRunner`` (over libp2p,
   ``NetworkAttempts``: reach the provider at its offered addresses, then
   ``p2pgpu.jobrunner.run_job``); tokens go to the submitter as they come,
-  the result is translated once into a typed ``AttemptReport``;
+  each with its output channel (content, thinking, a tool call, an
+  embedding), the result is translated once into a typed ``AttemptReport``;
 - the job records of our submissions (``p2pgpu.core.jobrecords``), written
   through the ``save`` callback the composition root gives (one writer for
   the job store, whose saves also wake ``cancel_job``);
@@ -49,7 +50,7 @@ from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.jobrecords import (
     CONSUMER, FAILED, QUEUED, JobRecord, advance, cut_text, end_attempt, start_attempt,
 )
-from p2pgpu.core.jobs import JOB_ID_SIZE, R_BUSY, Prices
+from p2pgpu.core.jobs import CHANNEL_NAMES, CONTENT, JOB_ID_SIZE, R_BUSY, Prices
 from p2pgpu.core.ledger import Ledger
 from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS, Offer, normalize_model_name
 from p2pgpu.core.ranking import ProviderHistory, RankedOffer
@@ -71,6 +72,7 @@ INTERRUPTED = "interrupted: the node stopped"
 BUSY_MARK_MS = 5_000  # a provider that said busy counts as full until its next offer, at most this long
 
 Emitter = Callable[[dict[str, Any]], None]
+OnTokens = Callable[..., None]  # (text, count[, channel]): the channel defaults to content
 
 
 # ------------------------------------------------------------------ seams
@@ -95,9 +97,10 @@ class AttemptRunner(Protocol):
     """Runs one attempt of a submission on one provider."""
 
     async def run(self, offer: Offer, work: Work, *, model: str, job_id: bytes,
-                  on_tokens: Callable[[str, int], None], cancel: trio.Event) -> JobResult:
+                  on_tokens: OnTokens, cancel: trio.Event) -> JobResult:
         """Run ``work`` on ``offer``'s provider at its prices, calling
-        ``on_tokens(text, count)`` as tokens arrive; setting ``cancel`` stops
+        ``on_tokens(text, count, channel)`` as tokens arrive (``channel``
+        may be left out for content); setting ``cancel`` stops
         it (the provider is paid for what it sent). Raises
         ``InsufficientFunds`` when our balance cannot hold its cost, any
         other ``P2PGPUError`` when it could not start (the provider is
@@ -119,13 +122,13 @@ class NetworkAttempts:
         self.now_ms, self.streams, self.settle = now_ms, streams, settle
 
     async def run(self, offer: Offer, work: Work, *, model: str, job_id: bytes,
-                  on_tokens: Callable[[str, int], None], cancel: trio.Event) -> JobResult:
+                  on_tokens: OnTokens, cancel: trio.Event) -> JobResult:
         await self._reach(offer)
         return await run_job(
             self.host, self.replicator, self.ledger, self.key, offer.peer_id, Prices(offer.price_in, offer.price_out),
             model=model, prompt=work.prompt, messages=work.messages, max_tokens=work.max_tokens, now_ms=self.now_ms,
             on_tokens=on_tokens, max_prompt_tokens=work.prompt_tokens_bound, cancel=cancel, job_id=job_id,
-            streams=self.streams, settle=self.settle,
+            streams=self.streams, settle=self.settle, params=work.params, inputs=work.inputs,
         )
 
     async def _reach(self, offer: Offer) -> None:
@@ -162,6 +165,7 @@ def report_of(result: JobResult) -> AttemptReport:
         prompt_tokens=receipt.prompt_eval_count if receipt is not None else None,
         billed_tokens=receipt.output_tokens if receipt is not None else None,
         ttft_s=result.ttft_s, tokens_per_s=result.tokens_per_s, release=str(result.release),
+        durations_ns=receipt.durations_ns if receipt is not None else None,
     )
 
 
@@ -234,7 +238,8 @@ class Consumer:
         """
         model = normalize_model_name(request.model)
         now = self.now_ms()
-        work = work_of(request.prompt, request.messages, request.system, request.max_tokens, request.max_price)
+        work = work_of(request.prompt, request.messages, request.system, request.max_tokens, request.max_price,
+                       params=request.params, inputs=request.inputs)
         admit(self._others_offers(now), model, work, history=self.history, now_ms=now, spendable=self.spendable())
         machine = Submission(secrets.token_bytes(JOB_ID_SIZE), model, work, retry=request.retry, config=self.config,
                              rng=self.rng)
@@ -403,7 +408,8 @@ class Consumer:
             self._save(start_attempt(self._record(job), offer.provider, self.now_ms()), None)
             result = await self.attempts.run(
                 offer, run.work, model=machine.model, job_id=machine.job_id,
-                on_tokens=lambda text, count: self._token(job, text, count, emit), cancel=job.cancel)
+                on_tokens=lambda text, count, channel=CONTENT: self._token(job, text, count, channel, emit),
+                cancel=job.cancel)
             report = report_of(result)
         except InsufficientFunds as exc:  # our balance, not the provider's fault
             report = AttemptReport(AttemptOutcome.NO_FUNDS, str(exc))
@@ -421,12 +427,20 @@ class Consumer:
         job.streaming = 0
         return actions
 
-    def _token(self, job: _Ticket, text: str, count: int, emit: Emitter) -> None:
-        if not job.chunks and (record := self._record(job)).first_token_ms is None:
+    def _token(self, job: _Ticket, text: str, count: int, channel: int, emit: Emitter) -> None:
+        """One delivered frame: an event for the submitter (with its channel
+        unless content, so content events are as they always were); only
+        content is the job's answer (its record's text, ``text``, and what
+        a failover continues)."""
+        if not job.streaming and (record := self._record(job)).first_token_ms is None:
             self._save(replace(record, first_token_ms=self.now_ms()), None)
-        job.chunks.append(text)
+        if channel == CONTENT:
+            job.chunks.append(text)
         job.streaming += count
-        emit({"type": "token", "text": text})
+        if channel == CONTENT:
+            emit({"type": "token", "text": text})
+        else:
+            emit({"type": "token", "text": text, "channel": CHANNEL_NAMES[channel]})
 
     # ------------------------------------------------------------ the line
 

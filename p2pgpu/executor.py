@@ -10,14 +10,24 @@ Ollama is ``Busy``.
 Streaming (``OllamaBackend.stream``) is an async context manager around an
 async iterator, so leaving the block, early or by cancellation, always closes
 the HTTP stream and its connection: Ollama sees the disconnect and stops decoding.
-What a consumer asks for is normalised here: only ``num_predict``, ``seed`` and
-``temperature`` reach Ollama, never load-time options such as ``num_ctx`` or
-``num_gpu`` (each new value reloads the model, reference §4 "reload thrash"),
-and ``keep_alive`` is the operator's, clamped.
+What a consumer asks for is normalised here: ``num_predict`` (the job's
+``max_tokens``) and the *sampling* options of ``JobParams`` reach Ollama,
+never load-time options such as ``num_ctx`` or ``num_gpu`` (each new value
+reloads the model, reference §4 "reload thrash"), and ``keep_alive`` is the
+operator's, clamped. The rest of a job's params (format, tools, thinking,
+images, earlier tool calls) go to the client's own arguments; images as
+bytes, never as strings, because the client reads a string that names an
+existing file as that file, and a consumer must not make a provider send
+its own files to the model.
+
+The stream is channelled: a ``Chunk`` is content, thinking, or one tool call
+(``channel``, the job protocol's output channels). ``embed`` runs an
+embedding job in one call (``/api/embed``); its vectors are not streamed.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import os
@@ -30,6 +40,9 @@ import httpx
 import ollama
 import trio
 
+from p2pgpu.core.jobparams import SAMPLING_OPTIONS, JobParams, ToolCall, canonical_json
+from p2pgpu.core.jobs import CHAT_ROLES as _JOB_CHAT_ROLES
+from p2pgpu.core.jobs import CONTENT, THINKING, TOOL_CALL, check_job_params
 from p2pgpu.errors import ExecutionFailed, MalformedInput
 
 log = logging.getLogger(__name__)
@@ -47,7 +60,7 @@ DEFAULT_READ_TIMEOUT_S: Final = 300.0
 """Longest wait for the next streamed chunk; covers a cold load (Ollama's own
 load timeout is 5 minutes)."""
 _CLEANUP_S: Final = 5.0
-CHAT_ROLES: Final = frozenset({"system", "user", "assistant"})
+CHAT_ROLES: Final = frozenset(_JOB_CHAT_ROLES)
 
 
 def default_ollama_host() -> str:
@@ -67,6 +80,12 @@ class Busy(ExecutionFailed):
     """Ollama answered 503: its queue is full. Retrying later may work."""
 
 
+class Refused(ExecutionFailed):
+    """Ollama answered 400: it refused the request as the consumer made it
+    (thinking or tools asked of a model without them, an embedding of a
+    chat model...). The job's problem, not the backend's."""
+
+
 @dataclass(frozen=True, slots=True)
 class LocalModel:
     name: str
@@ -76,7 +95,9 @@ class LocalModel:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat message: ``role`` is system, user or assistant."""
+    """One chat message: ``role`` is system, user, assistant or tool (a
+    tool's result). What else it carries (images, tool calls...) is in the
+    request's ``params.message_extras``, by its index."""
 
     role: str
     content: str
@@ -91,8 +112,11 @@ class Message:
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One inference job: chat ``messages`` or a generate ``prompt`` (exactly
-    one), an optional ``system`` prompt, and the only sampling options a
-    consumer controls. Raises ``MalformedInput`` when a value is out of range."""
+    one), an optional ``system`` prompt, and what else the consumer asked
+    for: ``params`` (checked already; its ``message_extras`` name
+    ``messages`` by index, a ``system`` prompt not counted), or the older
+    ``seed``/``temperature``, which win over the same options in ``params``.
+    Raises ``MalformedInput`` when a value is out of range."""
 
     model: str
     max_tokens: int
@@ -101,6 +125,7 @@ class GenerationRequest:
     system: str | None = None
     seed: int | None = None
     temperature: float | None = None
+    params: JobParams = JobParams()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -126,25 +151,92 @@ class GenerationRequest:
             or not 0.0 <= self.temperature <= MAX_TEMPERATURE
         ):
             raise MalformedInput(f"temperature must be a number in 0..{MAX_TEMPERATURE}")
+        if not isinstance(self.params, JobParams):
+            raise MalformedInput("params must be a JobParams")
+        check_job_params("chat" if self.messages is not None else "generate", self.params,
+                         0 if self.messages is None else len(self.messages))
 
     def options(self) -> dict[str, Any]:
-        """The Ollama ``options``: built from a whitelist, so no load-time
-        option (``num_ctx``, ``num_gpu``...) can ever reach Ollama from here."""
-        options: dict[str, Any] = {"num_predict": self.max_tokens}
+        """The Ollama ``options``: built from a whitelist (the sampling
+        options, then ``num_predict`` last, so nothing overrides the job's
+        length), so no load-time option (``num_ctx``, ``num_gpu``...) can
+        ever reach Ollama from here, whatever ``params`` hold."""
+        options: dict[str, Any] = {
+            name: value for name, value in self.params.option_map.items() if name in _SAMPLING or name == "stop"
+        }
         if self.seed is not None:
             options["seed"] = self.seed
         if self.temperature is not None:
             options["temperature"] = float(self.temperature)
+        options["num_predict"] = self.max_tokens
         return options
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages as the client's ``chat`` takes them, each with its
+        extras (images as bytes: see the module docstring)."""
+        assert self.messages is not None
+        messages: list[dict[str, Any]] = []
+        for index, message in enumerate(self.messages):
+            item: dict[str, Any] = {"role": message.role, "content": message.content}
+            extra = self.params.extra_for(index)
+            if extra is not None:
+                if extra.images:
+                    item["images"] = [base64.b64decode(image) for image in extra.images]
+                if extra.tool_calls:
+                    item["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}}
+                                          for c in extra.tool_calls]
+                if extra.tool_name is not None:
+                    item["tool_name"] = extra.tool_name
+                if extra.thinking is not None:
+                    item["thinking"] = extra.thinking
+            messages.append(item)
+        if self.system is not None:
+            messages.insert(0, {"role": "system", "content": self.system})
+        return messages
+
+    def extra_arguments(self) -> dict[str, Any]:
+        """``format``, ``tools``, ``think`` and (generate) ``images`` for the
+        client's call, only those the job sets (the client sends no field
+        that is None, so Ollama's defaults hold)."""
+        params = self.params
+        out: dict[str, Any] = {}
+        if params.format is not None:
+            out["format"] = params.format_value
+        if params.tools_json is not None and self.messages is not None:
+            out["tools"] = params.tools
+        if params.think is not None:
+            out["think"] = params.think
+        if params.images and self.prompt is not None:
+            out["images"] = [base64.b64decode(image) for image in params.images]
+        return out
+
+
+_SAMPLING: Final = frozenset(SAMPLING_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """Streamed text; ``tokens`` is 1 per non-empty chunk (Ollama streams one
-    token a chunk), the count to meter by when no final chunk arrives."""
+    token a chunk), the count to meter by when no final chunk arrives.
+    ``channel``: ``CONTENT`` (``message.content``/``response``),
+    ``THINKING`` (``thinking``) or ``TOOL_CALL`` (one call of
+    ``message.tool_calls``, as the canonical JSON ``{"arguments": {...},
+    "name": ...}``)."""
 
     text: str
     tokens: int
+    channel: int = CONTENT
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult:
+    """What ``/api/embed`` answered: one vector per input, in order, and
+    Ollama's counts (``prompt_eval_count``: the input tokens)."""
+
+    vectors: list[list[float]]
+    prompt_eval_count: int
+    total_duration_ns: int
+    load_duration_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +272,8 @@ class Backend(Protocol):
     ``models`` lists what is served (``ExecutionFailed`` when it cannot
     tell); ``stream`` is an async context manager yielding an async
     iterator of ``Chunk`` and, last, ``Finished``; leaving the block, early
-    or by cancellation, stops the generation. Failures are
+    or by cancellation, stops the generation. ``embed`` returns one vector
+    per input (cancelling it abandons the request). Failures are
     ``ExecutionFailed`` (``ModelNotFound``, ``Busy``), raised before the
     first event or while iterating.
     """
@@ -191,6 +284,9 @@ class Backend(Protocol):
     async def models(self) -> list[LocalModel]: ...
 
     def stream(self, request: GenerationRequest) -> AbstractAsyncContextManager[AsyncIterator[Event]]: ...
+
+    async def embed(self, model: str, inputs: list[str], *, truncate: bool | None = None,
+                    dimensions: int | None = None) -> EmbedResult: ...
 
 
 class OllamaBackend:
@@ -275,19 +371,36 @@ class OllamaBackend:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + _CLEANUP_S):
                 await events.aclose()
 
+    async def embed(self, model: str, inputs: list[str], *, truncate: bool | None = None,
+                    dimensions: int | None = None) -> EmbedResult:
+        """Embed ``inputs`` (``/api/embed``): one vector per input, in order.
+        Raises ``ExecutionFailed`` (``ModelNotFound``, ``Busy``), also when
+        Ollama answers a number of vectors other than the inputs'."""
+        client = self._client(streaming=True)  # a cold load may take minutes: the long read timeout
+        try:
+            response = await client.embed(model=model, input=list(inputs), truncate=truncate,
+                                          keep_alive=self.keep_alive_s, dimensions=dimensions)
+        except _CLIENT_ERRORS as exc:
+            raise self._failure(exc, model) from exc
+        vectors = [list(vector) for vector in response.embeddings]
+        if len(vectors) != len(inputs):
+            raise ExecutionFailed(f"Ollama at {self.host} answered {len(vectors)} embeddings for "
+                                  f"{len(inputs)} inputs running {model!r}")
+        return EmbedResult(vectors, response.prompt_eval_count or 0, response.total_duration or 0,
+                           response.load_duration or 0)
+
     async def _events(self, client: ollama.AsyncClient, request: GenerationRequest) -> AsyncIterator[Event]:
         chat = request.messages is not None
         try:
+            extra = request.extra_arguments()
             if request.messages is not None:
-                messages = [{"role": m.role, "content": m.content} for m in request.messages]
-                if request.system is not None:
-                    messages.insert(0, {"role": "system", "content": request.system})
                 parts: AsyncIterator[Any] = await client.chat(
                     model=request.model,
-                    messages=messages,
+                    messages=request.chat_messages(),
                     options=request.options(),
                     keep_alive=self.keep_alive_s,
                     stream=True,
+                    **extra,
                 )
             else:
                 parts = await client.generate(
@@ -297,13 +410,13 @@ class OllamaBackend:
                     options=request.options(),
                     keep_alive=self.keep_alive_s,
                     stream=True,
+                    **extra,
                 )
             final = None
             async with aclosing(parts):  # type: ignore[type-var]
                 async for part in parts:
-                    text = (part.message.content or "") if chat else (part.response or "")
-                    if text:
-                        yield Chunk(text, 1)
+                    for chunk in _chunks(part, chat):
+                        yield chunk
                     if part.done:
                         # Read on to the end of the body (it ends here) rather
                         # than break: the client's line iterators then finish
@@ -328,6 +441,8 @@ class OllamaBackend:
                 )
             if status == 503:
                 return Busy(f"{where} is busy, try again later: {error}")
+            if status == 400:
+                return Refused(f"{where} refused the request{_on(model)}: {error}")
             if status == -1:
                 return ExecutionFailed(f"{where} failed mid-stream{_on(model)}: {error}")
             return ExecutionFailed(f"{where} answered HTTP {status}{_on(model)}: {error}")
@@ -350,6 +465,28 @@ class OllamaBackend:
 # httpx.HTTPError covers connect/read/protocol errors and timeouts; ValueError
 # covers undecodable lines (JSONDecodeError, pydantic's ValidationError).
 _CLIENT_ERRORS: Final = (ConnectionError, httpx.HTTPError, ollama.ResponseError, ValueError)
+
+
+def _chunks(part: Any, chat: bool) -> list[Chunk]:
+    """The channelled chunks of one streamed part: thinking, then content,
+    then each tool call (Ollama sends a call whole, in one part)."""
+    if chat:
+        message = part.message
+        thinking, content, calls = message.thinking, message.content, message.tool_calls or ()
+    else:
+        thinking, content, calls = part.thinking, part.response, ()
+    chunks = []
+    if thinking:
+        chunks.append(Chunk(thinking, 1, THINKING))
+    if content:
+        chunks.append(Chunk(content, 1, CONTENT))
+    for call in calls:
+        try:
+            tool_call = ToolCall.of(call.function.name, dict(call.function.arguments or {}))
+        except MalformedInput as exc:  # a call the job protocol cannot carry (its bounds)
+            raise ValueError(f"tool call {str(call.function.name)[:64]!r}: {exc}") from None
+        chunks.append(Chunk(canonical_json(tool_call.to_wire()), 1, TOOL_CALL))
+    return chunks
 
 
 def _finished(part: Any) -> Finished:

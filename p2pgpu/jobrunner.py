@@ -28,10 +28,12 @@ job ends that job's stream only: a peer's bad frame becomes
 
 from __future__ import annotations
 
+import base64
 import enum
 import logging
 import math
 import secrets
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -41,8 +43,13 @@ from typing import Any
 import trio
 
 from p2pgpu.core.identity import NodeKey, public_key_from_peer_id
+from p2pgpu.core.jobparams import JobParams
 from p2pgpu.core.jobs import (
+    CONTENT,
+    EMBEDDING,
     MAX_REQUEST_CONTEXT,
+    MAX_TOKENS_PER_FRAME,
+    MAX_TOKENS_TEXT,
     R_BUSY,
     admission_refusal,
     prompt_token_bound,
@@ -66,7 +73,10 @@ from p2pgpu.core.jobs import (
     Resume,
     Send,
     SessionConfig,
+    TOOL_CALL,
     StopGeneration,
+    check_job_params,
+    encode_body,
     job_cost,
     make_request,
 )
@@ -75,8 +85,10 @@ from p2pgpu.core.offers import normalize_model_name
 from p2pgpu.core.protocols import JOB_PROTOCOL
 from p2pgpu.core.settlement import OpenHold, ReleaseState
 from p2pgpu.core.units import format_coins
-from p2pgpu.errors import ExecutionFailed, P2PGPUError
-from p2pgpu.executor import Backend, Busy, Chunk, Finished, GenerationRequest, Message, ModelNotFound
+from p2pgpu.errors import ExecutionFailed, MalformedInput, P2PGPUError
+from p2pgpu.executor import (
+    Backend, Busy, Chunk, EmbedResult, Finished, GenerationRequest, Message, ModelNotFound, Refused,
+)
 from p2pgpu.holds import Holds
 from p2pgpu.net import FrameStream, P2PHost
 from p2pgpu.replication import LedgerReplicator
@@ -86,6 +98,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ProviderService", "run_job", "JobResult", "JobStreamPool", "wall_ms"]
 
 NowMs = Callable[[], int]
+OnTokens = Callable[[str, int, int], None]  # (text, count, channel) as each TOKENS frame is delivered
 SettleHold = Callable[[OpenHold], Awaitable[ReleaseState]]  # ``Holds.job_ended``: report a job's end, get its hold's state
 DEFAULT_HOLD_MS = 300_000
 DEFAULT_CREDIT_WINDOW = 32
@@ -95,6 +108,22 @@ HOLD_CHAIN_FETCH_S = 5.0  # longest a provider spends fetching a consumer's entr
 
 def wall_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _vector_text(vector: list[float]) -> str:
+    """One embedding as an ``EMBEDDING`` frame's text: base64 of its values
+    as little-endian float32 (what Ollama computes in; half the bytes of
+    float64, and exact for every value it sends). ``ExecutionFailed`` for
+    a vector no frame can carry."""
+    try:
+        data = struct.pack(f"<{len(vector)}f", *vector)
+    except (struct.error, OverflowError, TypeError) as exc:
+        raise ExecutionFailed(f"the backend sent an embedding that is not float32 values: {exc}") from None
+    text = base64.b64encode(data).decode("ascii")
+    if not data or len(text) > MAX_TOKENS_TEXT:
+        raise ExecutionFailed(f"an embedding of {len(vector)} values does not fit a tokens frame "
+                              f"({MAX_TOKENS_TEXT} characters of base64)")
+    return text
 
 
 class _Edge:
@@ -297,14 +326,29 @@ class _ProviderJob(_Edge):
         self.nursery.start_soon(self._generate, request)
 
     async def _generate(self, request: JobRequest) -> None:
-        messages = None
-        if request.messages is not None:
-            messages = tuple(Message(role, content) for role, content in request.messages)
-        gen = GenerationRequest(model=request.model, max_tokens=request.max_tokens,
-                                messages=messages, prompt=request.prompt)
+        if request.inputs is not None:
+            await self._embed(request, request.inputs)
+            return
+        try:
+            messages = None
+            if request.messages is not None:
+                messages = tuple(Message(role, content) for role, content in request.messages)
+            gen = GenerationRequest(model=request.model, max_tokens=request.max_tokens,
+                                    messages=messages, prompt=request.prompt, params=request.params)
+        except MalformedInput as exc:  # a request the wire allows but this backend cannot run (a huge max_tokens)
+            self._free_slot()
+            self.outcome = f"not runnable here: {exc}"
+            self._apply(self.session.failed(self.now_ms(), f"not runnable here: {exc}"))
+            return
         eval_count = 0
         final: Finished | None = None
         live = (ProviderState.RUNNING, ProviderState.PAUSED, ProviderState.STOPPING)
+        # Tool calls wait for the final chunk. Ollama decodes a call's tokens
+        # without streaming them and hands the call over whole, so a chunk
+        # count of 1 would leave most of them unpaid; the final chunk's
+        # eval_count says how many tokens went unstreamed, and the last call
+        # is counted with them (within max_tokens and a frame's count).
+        held: list[Chunk] = []
         try:
             with self.stop_scope:
                 async with self.service.backend.stream(gen) as events:
@@ -314,11 +358,31 @@ class _ProviderJob(_Edge):
                                 continue
                             if self.session.state not in live:
                                 return
+                            if eval_count + event.tokens > request.max_tokens:
+                                # One decoded token can come as two chunks (the end of a
+                                # thought and the start of the answer, or text and a tool
+                                # call); at the length limit the job is full: drop the
+                                # excess, but read on to the final chunk and its counts.
+                                log.info("job %s: output past max_tokens dropped", request.job_id.hex()[:8])
+                                continue
                             eval_count += event.tokens
-                            self._apply(self.session.tokens(self.now_ms(), event.text, event.tokens))
-                            await self.resumed.wait()  # paused: stop reading until Resume
+                            if event.channel == TOOL_CALL:
+                                held.append(event)
+                                continue
+                            if not await self._send_chunks(held + [event], live):
+                                return
+                            held = []
                         elif isinstance(event, Finished):
                             final = event
+                            if held:
+                                unstreamed = min(final.eval_count - eval_count, request.max_tokens - eval_count,
+                                                 MAX_TOKENS_PER_FRAME - held[-1].tokens)
+                                if unstreamed > 0:
+                                    held[-1] = replace(held[-1], tokens=held[-1].tokens + unstreamed)
+                                    eval_count += unstreamed
+                                if not await self._send_chunks(held, live):
+                                    return
+                                held = []
         except ExecutionFailed as exc:
             log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
             self.outcome = f"backend failed: {exc}"
@@ -338,6 +402,52 @@ class _ProviderJob(_Edge):
                  final.prompt_eval_duration_ns, final.eval_duration_ns)))
         else:  # stopped: Ollama's counts are lost with the stream; input is not charged
             self._apply(self.session.finished(self.now_ms(), 0, eval_count))
+
+    async def _send_chunks(self, chunks: list[Chunk], live: tuple[ProviderState, ...]) -> bool:
+        """Hand ``chunks`` to the session in order, waiting while it is
+        paused; False once the job is no longer generating."""
+        for chunk in chunks:
+            if self.session.state not in live:
+                return False
+            self._apply(self.session.tokens(self.now_ms(), chunk.text, chunk.tokens, chunk.channel))
+            await self.resumed.wait()  # paused: stop reading until Resume
+        return True
+
+    async def _embed(self, request: JobRequest, inputs: tuple[str, ...]) -> None:
+        """An embed job: one backend call, then one ``EMBEDDING`` frame per
+        vector, in the inputs' order (count 1 each, so the credit window
+        and the vouchers work as for tokens), then the receipt with
+        Ollama's input count. A stop before the answer abandons the call."""
+        live = (ProviderState.RUNNING, ProviderState.PAUSED, ProviderState.STOPPING)
+        result: EmbedResult | None = None
+        try:
+            with self.stop_scope:
+                result = await self.service.backend.embed(
+                    request.model, list(inputs), truncate=request.params.truncate,
+                    dimensions=request.params.dimensions)
+                texts = [_vector_text(vector) for vector in result.vectors]
+                for text in texts:
+                    if self.session.state not in live:
+                        return
+                    self._apply(self.session.tokens(self.now_ms(), text, 1, EMBEDDING))
+                    await self.resumed.wait()  # paused: wait for the vouchers to catch up
+        except ExecutionFailed as exc:
+            log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
+            self.outcome = f"backend failed: {exc}"
+            self.service.backend_failed(exc)
+            if self.session.state in live:
+                self._apply(self.session.failed(self.now_ms(), str(exc)))
+            return
+        finally:
+            self._free_slot()
+        if self.session.state not in live:
+            return
+        if result is None:  # stopped before Ollama answered: nothing was read, nothing is charged
+            self._apply(self.session.finished(self.now_ms(), 0, 0))
+            return
+        self.prompt_tokens = result.prompt_eval_count
+        self._apply(self.session.finished(self.now_ms(), result.prompt_eval_count, len(result.vectors),
+                                          (result.total_duration_ns, result.load_duration_ns, 0, 0)))
 
     def _free_slot(self) -> None:
         """The GPU is done with this job: let the next one in. Called as
@@ -408,7 +518,9 @@ class ProviderService:
         self.host.set_stream_handler(JOB_PROTOCOL, self._serve)
 
     def backend_failed(self, exc: ExecutionFailed) -> None:
-        if self.on_backend_failure is not None and not isinstance(exc, (ModelNotFound, Busy)):
+        # A job's own problem (a model we lack, a full queue, a request Ollama
+        # refused as the consumer made it) says nothing about the backend.
+        if self.on_backend_failure is not None and not isinstance(exc, (ModelNotFound, Busy, Refused)):
             self.on_backend_failure(exc)
 
     def _slots_changed(self, delta: int) -> None:
@@ -527,8 +639,8 @@ class JobResult:
 
     status: JobEnd
     reason: str
-    text: str
-    tokens: int
+    text: str  # the content delivered (thinking, tool calls and vectors went to ``on_tokens`` only)
+    tokens: int  # output tokens delivered, every channel
     cost: int
     receipt: Receipt | None
     provider: str
@@ -545,7 +657,7 @@ class JobResult:
 
 class _ConsumerJob(_Edge):
     def __init__(self, session: ConsumerSession, stream: FrameStream, now_ms: NowMs,
-                 on_tokens: Callable[[str, int], None] | None) -> None:
+                 on_tokens: OnTokens | None) -> None:
         super().__init__(stream, now_ms)
         self.session = session
         self.on_tokens = on_tokens
@@ -567,11 +679,12 @@ class _ConsumerJob(_Edge):
             if self.first_token is None:
                 self.first_token = now
             self.last_token = now
-            self.chunks.append(action.text)
+            if action.channel == CONTENT:
+                self.chunks.append(action.text)
             self.tokens += action.count
             if self.on_tokens is not None:
                 try:
-                    self.on_tokens(action.text, action.count)
+                    self.on_tokens(action.text, action.count, action.channel)
                 except Exception:  # the user's callback must not break the job
                     log.exception("on_tokens callback failed")
         elif isinstance(action, ReleaseHold):
@@ -620,7 +733,7 @@ async def run_job(
     messages: Iterable[tuple[str, str]] | None = None,
     max_tokens: int,
     now_ms: NowMs = wall_ms,
-    on_tokens: Callable[[str, int], None] | None = None,
+    on_tokens: OnTokens | None = None,
     max_prompt_tokens: int | None = None,
     credit_window: int = DEFAULT_CREDIT_WINDOW,
     hold_ms: int = DEFAULT_HOLD_MS,
@@ -630,8 +743,15 @@ async def run_job(
     job_id: bytes | None = None,
     streams: JobStreamPool | None = None,
     settle: SettleHold | None = None,
+    params: JobParams = JobParams(),
+    inputs: Iterable[str] | None = None,
 ) -> JobResult:
     """Run one job on ``provider_peer_id`` at ``offer_prices``; see ``JobResult``.
+
+    The job is ``prompt``, ``messages`` or (embed) ``inputs``, with
+    ``params`` (``make_request``). ``on_tokens(text, count, channel)`` is
+    called for every TOKENS frame delivered, whatever its channel; the
+    result's ``text`` is the content alone.
 
     Opens the stream first (so an unreachable provider costs no hold), then
     HOLDs ``job_cost(prices, max_prompt_tokens, max_tokens)``. After the end,
@@ -655,8 +775,16 @@ async def run_job(
     has completed (see ``JobStreamPool``).
     """
     msgs = None if messages is None else tuple((role, content) for role, content in messages)
+    texts = None if inputs is None else tuple(inputs)
+    # The request's own checks before anything is held: a job that cannot be
+    # signed must not leave a hold behind it (MalformedInput).
+    kind = "embed" if texts is not None else "chat" if msgs is not None else "generate"
+    check_job_params(kind, params, len(msgs or ()))
+    encode_body(kind, prompt, msgs, params, texts)
+    if texts is not None and max_tokens != len(texts):
+        raise MalformedInput(f"an embed job's max_tokens is its number of inputs ({len(texts)})")
     if max_prompt_tokens is None:
-        max_prompt_tokens = prompt_token_bound(prompt, msgs)
+        max_prompt_tokens = prompt_token_bound(prompt, msgs, params=params, inputs=texts)
     provider_key = public_key_from_peer_id(provider_peer_id)
     network_id = ledger.network_id
     job_id = secrets.token_bytes(16) if job_id is None else job_id
@@ -673,7 +801,7 @@ async def run_job(
         signed, body = make_request(
             key, network_id, now, job_id=job_id, model=model, hold=hold, prices=offer_prices,
             max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, credit_window=credit_window,
-            prompt=prompt, messages=msgs)
+            prompt=prompt, messages=msgs, params=params, inputs=texts)
     except BaseException:
         with trio.CancelScope(shield=True):
             await stream.reset()

@@ -5,9 +5,12 @@ cut after any token and continued elsewhere is the one whole answer."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings, strategies as st
 
 from p2pgpu.core.continuation import ContinuationKind, Work, plan_continuation
+from p2pgpu.core.jobparams import JobParams, MessageExtra
 from p2pgpu.core.jobs import MAX_BODY, prompt_token_bound
 from p2pgpu.testing.ollama_standin import expected_completion, split_prefill
 
@@ -98,3 +101,41 @@ def test_a_prefix_the_model_would_not_have_said_gets_a_reply_to_the_whole_chat()
 def test_an_empty_assistant_message_is_not_a_prefill():
     chat = [{"role": "user", "content": "why?"}, {"role": "assistant", "content": ""}]
     assert split_prefill(chat) == (chat, "")
+
+
+# ------------------------------------------------------------------ params and embeddings
+
+PNG = "iVBORw0KGgo="
+SAMPLING = JobParams(options=(("seed", 7), ("temperature", 0.25)), think=True, format="json")
+
+
+def test_a_continuation_keeps_the_jobs_params_and_moves_a_prompts_images_onto_its_message():
+    original = Work("describe it", None, 20, None, replace(SAMPLING, images=(PNG,)))
+    plan = plan_continuation(original, "It is a", 3, paid=0)
+    assert plan.kind is ContinuationKind.CONTINUE
+    assert plan.work.messages == (("user", "describe it"), ("assistant", "It is a"))
+    assert plan.work.params == replace(SAMPLING, message_extras=((0, MessageExtra(images=(PNG,))),))
+    assert plan.work.max_tokens == 17
+    assert plan.work.body()  # a body the job codec takes
+    # a chat's extras stay on their messages (the answer is appended after them)
+    extras = ((1, MessageExtra(images=(PNG,))),)
+    chat = Work(None, (("system", "s"), ("user", "look")), 20, None, JobParams(message_extras=extras))
+    continued = plan_continuation(chat, "A cat", 2, paid=0).work
+    assert continued.messages[-1] == ("assistant", "A cat") and continued.params.message_extras == extras
+
+
+def test_nothing_delivered_on_the_content_channel_runs_the_same_request_again():
+    original = Work("think first", None, 20, 100, SAMPLING)
+    plan = plan_continuation(original, "", 4, paid=10)  # four thinking tokens, no answer yet
+    assert plan.kind is ContinuationKind.SAME and plan.work == replace(original, max_price=90)
+
+
+def test_an_embed_job_continues_with_the_inputs_not_yet_embedded():
+    original = Work(None, None, 4, 50, JobParams(dimensions=64), ("a", "b", "c", "d"))
+    assert original.kind == "embed" and original.prompt_tokens_bound == prompt_token_bound(inputs=("a", "b", "c", "d"))
+    plan = plan_continuation(original, "", 3, paid=20)
+    assert plan.kind is ContinuationKind.CONTINUE
+    assert plan.work == Work(None, None, 1, 30, JobParams(dimensions=64), ("d",))
+    assert plan_continuation(original, "", 0, paid=0).kind is ContinuationKind.SAME
+    assert plan_continuation(original, "", 4, paid=20).kind is ContinuationKind.WHOLE
+    assert plan_continuation(original, "", 2, paid=50).kind is ContinuationKind.NO_BUDGET

@@ -95,7 +95,8 @@ def test_requests_are_validated() -> None:
     with pytest.raises(MalformedInput, match="model"):
         GenerationRequest(model=" ", max_tokens=5, prompt="x")
     with pytest.raises(MalformedInput, match="role"):
-        Message("tool", "x")
+        Message("robot", "x")
+    assert Message("tool", "x").role == "tool"  # a tool's result
 
 
 def test_options_are_a_whitelist_and_keep_alive_is_clamped() -> None:

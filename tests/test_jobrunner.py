@@ -132,7 +132,7 @@ async def test_a_job_streams_the_expected_text_and_settles_on_both_ledgers() -> 
     async with pair() as p:
         seen: list[str] = []
         with trio.fail_after(DEADLINE):
-            result = await p.job(on_tokens=lambda text, count: seen.append(text))
+            result = await p.job(on_tokens=lambda text, count, channel: seen.append(text))
         expected = p.standin.expected_completion(MODEL, PROMPT, num_predict=40)
         assert result.status == "completed", result.reason
         assert result.text == expected.text == "".join(seen)
@@ -201,7 +201,7 @@ async def test_a_cancelled_job_pays_exactly_the_tokens_sent() -> None:
         cancel = trio.Event()
         seen: list[str] = []
 
-        def on_tokens(text: str, count: int) -> None:
+        def on_tokens(text: str, count: int, channel: int) -> None:
             seen.append(text)
             if len(seen) == 5:
                 cancel.set()

@@ -205,6 +205,14 @@ def test_explain_all_busy() -> None:
     assert "all 2 providers" in text and "busy" in text
 
 
+def test_explain_for_a_job_that_would_wait_names_the_price_not_the_busy_providers() -> None:
+    offers = [offer(alice, slots_free=0), offer(bob, slots_free=0)]
+    cost = job_cost(Prices(100_000, 300_000), 500, 1000)
+    text = explain_no_match(offers, "llama3.2:1b", T0, max_price=cost - 1, include_busy=True, **JOB)
+    assert "every provider serving" in text and "more than the limit" in text and "busy" not in text
+    assert "busy" in explain_no_match(offers, "llama3.2:1b", T0, max_price=cost - 1, **JOB)
+
+
 def test_explain_too_expensive() -> None:
     offers = [offer(alice), offer(bob, slots_free=0, price_out=1)]
     cost = job_cost(Prices(100_000, 300_000), 500, 1000)

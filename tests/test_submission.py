@@ -11,6 +11,7 @@ a number (``T0`` is "now" unless a test moves it).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from p2pgpu.core.continuation import ASSISTANT, Work
 from p2pgpu.core.hardware import HardwareReport
 from p2pgpu.core.identity import NodeKey
+from p2pgpu.core.jobparams import JobParams, MessageExtra
 from p2pgpu.core.jobrecords import CANCELLED, COMPLETED, FAILED, REJECTED
 from p2pgpu.core.jobs import MAX_BODY
 from p2pgpu.core.offers import ModelOffer, Offer, decode_offer_message, make_offer
@@ -175,7 +177,8 @@ def test_the_queue_deadline_ends_a_wait_and_says_how_many_were_ahead():
 def test_a_completed_attempt_finishes_the_job_with_its_figures():
     m = running(now=T0)
     report = AttemptReport(AttemptOutcome.COMPLETED, tokens=20, text="x" * 20, cost=500, prompt_tokens=7,
-                           billed_tokens=20, ttft_s=0.25, tokens_per_s=40.0, release="released")
+                           billed_tokens=20, ttft_s=0.25, tokens_per_s=40.0, release="released",
+                           durations_ns=(9, 1, 2, 6))
     actions = m.attempt_ended(T0 + 1_000, report, offers=OFFERS)
     assert actions[:2] == [RecordSuccess(bob.public_key, 250, 40.0),
                            EndAttempt("completed", cost=500, tokens_out=20, tokens_in=7)]
@@ -183,7 +186,8 @@ def test_a_completed_attempt_finishes_the_job_with_its_figures():
     assert end.outcome is Outcome.COMPLETED and end.outcome.status == COMPLETED and end.reason == ""
     assert end.event == {"type": "done", "job_id": JOB_ID.hex(), "provider": bob.peer_id, "tokens": 20,
                          "prompt_tokens": 7, "cost": 500, "attempts": 1, "tokens_per_s": 40.0, "ttft_s": 0.25,
-                         "release": "released"}
+                         "release": "released", "done_reason": "length", "eval_count": 20,
+                         "durations_ns": {"total": 9, "load": 1, "prompt_eval": 2, "eval": 6}}
 
 
 def test_a_completed_attempt_without_timings_is_measured_over_its_run():
@@ -294,7 +298,8 @@ def test_a_provider_that_dies_after_the_last_token_leaves_a_completed_job():
     assert end.reason == f"every token was delivered before {bob.peer_id}: failed: connection lost"
     assert end.event == {"type": "done", "job_id": JOB_ID.hex(), "provider": bob.peer_id, "tokens": 5,
                          "prompt_tokens": 0, "cost": 40, "attempts": 1, "tokens_per_s": None, "ttft_s": None,
-                         "release": "pending"}
+                         "release": "pending", "done_reason": "length", "eval_count": 5,
+                         "durations_ns": {"total": 0, "load": 0, "prompt_eval": 0, "eval": 0}}
 
 
 @pytest.mark.parametrize("kwargs,report,outcome,words", [
@@ -398,6 +403,53 @@ def test_work_of_puts_the_system_prompt_first_and_the_prompt_last():
     chat = (("user", "a"), ("assistant", "b"))
     assert work_of(None, chat, "s", 5, None) == Work(None, (("system", "s"), *chat), 5, None)
     assert work_of(None, chat, None, 5, None) == Work(None, chat, 5, None)
+
+
+PNG = "iVBORw0KGgo="
+
+
+def test_work_of_moves_the_params_with_their_messages():
+    extra = MessageExtra(images=(PNG,))
+    chat = (("user", "look"), ("assistant", "a cat"), ("user", "and now?"))
+    params = JobParams(message_extras=((0, extra), (2, MessageExtra(thinking="hm"))), think=True)
+    work = work_of(None, chat, "be brief", 5, None, params=params)  # the system message goes first: +1
+    assert work.messages == (("system", "be brief"), *chat)
+    assert work.params == replace(params, message_extras=((1, extra), (3, MessageExtra(thinking="hm"))))
+    assert work_of(None, chat, None, 5, None, params=params).params == params
+    # a prompt with images becomes a chat when a system prompt comes along: the images go onto its message
+    work = work_of("describe", None, "be brief", 5, None, params=JobParams(images=(PNG,), think=True))
+    assert work.messages == (("system", "be brief"), ("user", "describe"))
+    assert work.params == JobParams(think=True, message_extras=((1, extra),))
+    assert work_of("describe", None, None, 5, None, params=JobParams(images=(PNG,))).params.images == (PNG,)
+
+
+def test_work_of_makes_an_embed_job_and_refuses_what_cannot_be_sent():
+    work = work_of(None, None, None, 99, 7, params=JobParams(dimensions=32), inputs=["a", "b"])
+    assert work == Work(None, None, 2, 7, JobParams(dimensions=32), ("a", "b"))  # one token per input
+    with pytest.raises(MalformedInput, match="embed"):
+        work_of("x", None, None, 5, None, inputs=["a"])
+    with pytest.raises(MalformedInput, match="only truncate and dimensions"):
+        work_of(None, None, None, 1, None, params=JobParams(think=True), inputs=["a"])
+    with pytest.raises(MalformedInput, match=r"message_extras\[5\]"):
+        work_of(None, (("user", "hi"),), None, 5, None, params=JobParams(message_extras=((5, MessageExtra(
+            thinking="x")),)))
+    with pytest.raises(MalformedInput, match="exceeds"):  # a REQUEST body could not carry it
+        work_of("x" * MAX_BODY, None, None, 5, None)
+
+
+def test_an_embed_job_that_completes_says_stop_and_one_that_fails_over_asks_for_the_rest():
+    m = Submission(JOB_ID, MODEL, work_of(None, None, None, 3, None, inputs=["a", "b", "c"]),
+                   config=CONFIG, rng=random.Random(1))
+    m.start(T0)
+    m.slot_assigned(T0, provider=bob.public_key, price_in=1, price_out=2)
+    actions = m.attempt_ended(T0, AttemptReport(AttemptOutcome.FAILED, "connection lost", tokens=2, cost=4),
+                              offers=OFFERS)
+    assert actions[-1] == JoinLine() and m.work.inputs == ("c",) and m.work.max_tokens == 1
+    m.slot_assigned(T0, provider=carol.public_key, price_in=1, price_out=2)
+    end = finish(m.attempt_ended(T0, AttemptReport(AttemptOutcome.COMPLETED, tokens=1, cost=2, prompt_tokens=1,
+                                                   billed_tokens=1, durations_ns=(5, 0, 0, 0)), offers=OFFERS))
+    assert end.event["done_reason"] == "stop" and end.event["eval_count"] == 3 and end.event["tokens"] == 3
+    assert end.event["durations_ns"] == {"total": 5, "load": 0, "prompt_eval": 0, "eval": 0}
 
 
 def test_admit_says_why_nothing_fits_and_checks_the_balance_against_the_cheapest():
@@ -600,3 +652,11 @@ def test_an_offer_that_counts_our_own_job_frees_its_slot_when_that_job_ends():
     assert line.dispatch([full], lambda job: [bob.public_key], T0) == []
     line.freed(bob.public_key)  # ours ended: the slot is free before the provider says so
     assert line.dispatch([full], lambda job: [bob.public_key], T0) == [(b, bob.public_key)]
+
+
+def test_an_answer_shorter_than_max_tokens_is_done_with_stop():
+    m = running(max_tokens=20)
+    end = finish(m.attempt_ended(T0, AttemptReport(AttemptOutcome.COMPLETED, tokens=12, text="x" * 12, cost=9,
+                                                   prompt_tokens=3, billed_tokens=12), offers=OFFERS))
+    assert end.event["done_reason"] == "stop" and end.event["eval_count"] == 12
+    assert end.event["durations_ns"] == {"total": 0, "load": 0, "prompt_eval": 0, "eval": 0}  # no receipt figures

@@ -22,6 +22,7 @@ from test_cli_api import Node, running_node
 
 from p2pgpu.api import MAX_PROMPT_BYTES, NodeView, SubmitRequest, create_app, serve_api
 from p2pgpu.api_client import ApiClient
+from p2pgpu.core.jobparams import JobParams
 from p2pgpu.cli import cli
 from p2pgpu.errors import ExecutionFailed, InsufficientFunds, MalformedInput
 
@@ -359,3 +360,86 @@ def test_cli_needs_a_prompt_or_messages(node, tmp_path):
 def test_cli_submit_to_a_stopped_node(tmp_path):
     stopped = Node(tmp_path, SubmitView())
     assert "not running" in stopped.fails("submit", "--model", "m", "hi", code=3).stderr
+
+
+# ------------------------------------------------------- params and embeddings
+
+PNG = "iVBORw0KGgo="
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+async def test_params_reach_the_view_checked_and_in_their_one_form(served):
+    view, client, _ = served
+    params = {"options": {"temperature": 0.5, "seed": 3, "stop": ["\n\n"]}, "format": {"type": "object"},
+              "tools": [TOOL], "think": "low",
+              "message_extras": [[1, {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}],
+                                 [2, {"tool_name": "get_weather"}], [3, {"images": [PNG]}]]}
+    messages = [["user", "weather?"], ["assistant", ""], ["tool", '{"temp": 3}'], ["user", "and this?"]]
+    response, events = await stream(client, {"model": "m", "messages": messages, "params": params})
+    assert response.status_code == 200 and events[-1] == DONE
+    (request,) = view.requests
+    assert request.params == JobParams.from_wire(params) and request.params.to_wire() == params
+    assert request.messages[2] == ("tool", '{"temp": 3}') and request.inputs is None
+
+
+async def test_an_embedding_job_takes_input_and_counts_one_token_per_text(served):
+    view, client, _ = served
+    response, events = await stream(client, {"model": "nomic-embed-text", "input": ["a", "b", "c"],
+                                             "params": {"dimensions": 64}})
+    assert response.status_code == 200
+    (request,) = view.requests
+    assert request.inputs == ("a", "b", "c") and request.max_tokens == 3
+    assert request.params == JobParams(dimensions=64) and request.prompt is None and request.messages is None
+
+
+async def test_a_prompt_of_only_images_is_something_to_answer(served):
+    view, client, _ = served
+    response, _ = await stream(client, {"model": "m", "messages": [["user", ""]],
+                                        "params": {"message_extras": [[0, {"images": [PNG]}]]}})
+    assert response.status_code == 200 and view.requests[0].params.extra_for(0).images == (PNG,)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({**BODY, "params": []}, '"params": job params: expected an object'),
+        ({**BODY, "params": {"temperature": 0.5}}, "\"params\": job params: unknown field 'temperature'"),
+        ({**BODY, "params": {"options": {"num_ctx": 65536}}}, '"params": option num_ctx is a load-time option'),
+        ({**BODY, "params": {"options": {"num_gpu": 0}}}, "load-time"),
+        ({**BODY, "params": {"options": {"num_predict": 5}}}, "num_predict"),
+        ({**BODY, "params": {"options": {"temperature": 3}}}, "option temperature"),
+        ({**BODY, "params": {"options": {"top_k": 1.5}}}, "option top_k"),
+        ({**BODY, "params": {"format": "yaml"}}, '"params": format'),
+        ({**BODY, "params": {"format": {"type": "object", "d": "x" * 20_000}}}, "format"),
+        ({**BODY, "params": {"tools": [{"type": "retrieval"}]}}, "tools[0]"),
+        ({**BODY, "params": {"tools": [TOOL]}}, "tools need a chat"),
+        ({**BODY, "params": {"think": "very"}}, "think"),
+        ({**BODY, "params": {"images": ["not base64!"]}}, "not base64"),
+        ({**BODY, "params": {"images": [PNG] * 9}}, "images"),
+        ({**BODY, "params": {"message_extras": [[0, {"images": [PNG]}]]}}, "message_extras are for chat"),
+        ({**BODY, "params": {"dimensions": 3}}, "embed"),
+        ({"model": "m", "messages": [["user", "hi"]], "params": {"images": [PNG]}}, "images are for a prompt"),
+        ({"model": "m", "messages": [["user", "hi"]], "params": {"message_extras": [[1, {"thinking": "x"}]]}},
+         "message_extras[1]"),
+        ({"model": "m", "messages": [["user", "hi"]], "params": {"message_extras": [[0, {"colour": 1}]]}},
+         "unknown field 'colour'"),
+        ({"model": "m", "messages": [["user", "hi"]], "params": {"message_extras": [[0, {}]]}}, "carry something"),
+        ({"model": "m", "messages": [["assistant", "x"]], "params": {"message_extras": [
+            [0, {"tool_calls": [{"name": "f", "arguments": "[1]"}]}]]}}, "JSON object"),
+        ({"model": "m", "input": []}, '"input" must be a non-empty array'),
+        ({"model": "m", "input": "one text"}, '"input" must be a non-empty array'),
+        ({"model": "m", "input": ["a", 1]}, '"input"'),
+        ({"model": "m", "input": ["a"] * 1025}, "at most 1024"),
+        ({"model": "m", "input": ["a"], "prompt": "x"}, "exactly one"),
+        ({"model": "m", "input": ["a"], "system": "s"}, '"system"'),
+        ({"model": "m", "input": ["a", "b"], "max_tokens": 5}, "number of inputs (2)"),
+        ({"model": "m", "input": ["a"], "params": {"think": True}}, "only truncate and dimensions"),
+        ({"model": "m", "input": ["é" * (MAX_PROMPT_BYTES // 2 + 1)]}, "at most"),
+        ({"model": "m", "prompt": "x" * (MAX_PROMPT_BYTES - 10), "params": {"think": True}}, "at most"),
+    ],
+)
+async def test_bad_params_and_inputs_are_malformed_naming_the_field(served, body, fragment):
+    view, client, _ = served
+    assert fragment in assert_error(await client.post("/v1/submit", json=body), 422, "MalformedInput")
+    assert view.requests == []

@@ -29,7 +29,7 @@ The exchange::
 
     C: REQUEST (signed; embeds C's HOLD entry naming P)       -> P
     P: ACCEPT | REJECT(code, text, waiver of the hold)         -> C
-    P: TOKENS(seq, text, count, total) ...                     -> C
+    P: TOKENS(seq, text, count, total[, channel]) ...          -> C
     C: VOUCHER(cumulative, signed for the hold) ...            -> P
     P: RECEIPT (signed: counts, durations, output hash, cost)  -> C
     C: VOUCHER(final = job_cost(prompt, delivered))            -> P; P CLAIMs it
@@ -43,6 +43,18 @@ Design choices, and why
   BLAKE2b-256 of the body (prompt or messages); the body rides in the same
   REQUEST frame (up to ``MAX_BODY``) and P checks the hash. The signature
   still binds C to exactly that prompt.
+- **A job carries what Ollama's clients send.** Sampling options, output
+  format, tools, images, thinking and embedding settings travel as one
+  ``JobParams`` (``p2pgpu.core.jobparams``) inside the body, so the hash,
+  hence the signature, covers them; ``check_job_params`` says which fit
+  which kind. A job without them has its body of old, byte for byte. Kind
+  ``embed`` turns texts into vectors, one per input.
+- **Output comes on channels.** A TOKENS frame's optional last element says
+  what its text is: content (the element left out, so such frames are as
+  they always were), thinking, one tool call (canonical JSON), or one
+  embedding (base64 of little-endian float32, billed as one token). The
+  receipt's output hash covers every channel (``hash_output``), and the
+  consumer checks each frame's channel fits the job (``output_refusal``).
 - **Money is priced by one function**, ``job_cost``: ceil((price_in * in +
   price_out * out) / 1e6), one rounding over the sum, integer only. It is
   monotonic in both counts, so cumulative vouchers never go down.
@@ -86,9 +98,12 @@ Design choices, and why
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -108,6 +123,7 @@ from p2pgpu.core.codec import (
     unpack,
 )
 from p2pgpu.core.identity import NodeKey
+from p2pgpu.core.jobparams import JobParams, ToolCall, canonical_json, parse_json_value
 from p2pgpu.core.units import format_coins
 from p2pgpu.core.ledger import HOLD, MAX_AMOUNT, Entry, Hold, decode_entry, make_voucher, make_waiver, parse_waiver
 from p2pgpu.core.offers import MAX_MODEL_NAME_CHARS, MAX_PRICE, normalize_model_name
@@ -117,7 +133,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Prices", "job_cost", "prompt_token_bound", "admission_refusal", "covered_tokens", "output_hash",
-    "JobRequest", "Receipt", "make_request", "decode_request", "make_receipt", "decode_receipt",
+    "output_hash_of", "JobRequest", "Receipt", "make_request", "decode_request", "make_receipt", "decode_receipt",
+    "encode_body", "check_job_params", "hash_output", "output_refusal", "KINDS", "CHAT_ROLES", "CHANNEL_NAMES",
+    "CONTENT", "THINKING", "TOOL_CALL", "EMBEDDING",
     "ConsumerSession", "ProviderSession", "ConsumerState", "ProviderState", "SessionConfig",
     "Send", "Deliver", "Pause", "Resume", "StopGeneration", "Claim", "KeepVoucher", "ReleaseHold",
     "RequestReceived", "Completed", "Failed",
@@ -139,7 +157,14 @@ MAX_WIRE = 4096  # an embedded signed object (hold entry, voucher, waiver)
 MAX_REQUEST_CONTEXT = 8  # the consumer's own recent entries a REQUEST may carry before its hold
 MILLION = 1_000_000
 
-KINDS = ("generate", "chat")
+MAX_EMBED_INPUTS = 1024  # texts in one embed job (one vector, one TOKENS frame, each)
+
+KINDS = ("generate", "chat", "embed")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # "tool": a tool's result, answering an assistant's call
+
+# Output channels: the optional 7th element of a TOKENS frame (absent = CONTENT).
+CONTENT, THINKING, TOOL_CALL, EMBEDDING = range(4)
+CHANNEL_NAMES = {CONTENT: "content", THINKING: "thinking", TOOL_CALL: "tool_call", EMBEDDING: "embedding"}
 
 # Frame types (first element of every frame's array).
 REQUEST, ACCEPT, REJECT, TOKENS, VOUCHER, CANCEL, RECEIPT, ERROR = range(1, 9)
@@ -177,15 +202,50 @@ class Prices(NamedTuple):
 
 PROMPT_TEMPLATE_TOKENS = 64  # margin for the chat template Ollama wraps around the text
 MESSAGE_OVERHEAD_TOKENS = 4  # role markers per chat message
+IMAGE_TOKENS = 768  # the margin per image (see ``prompt_token_bound``)
+TOOL_CALL_OVERHEAD_TOKENS = 8  # the markers a template puts around one earlier tool call
+EMBED_INPUT_OVERHEAD_TOKENS = 8  # BOS/EOS and the like, per embedded text
+
+_NO_PARAMS = JobParams()
 
 
-def prompt_token_bound(prompt: str | None = None, messages=None) -> int:
+def prompt_token_bound(prompt: str | None = None, messages=None, *, params: JobParams = _NO_PARAMS,
+                       inputs: Iterable[str] | None = None) -> int:
     """An upper bound on a job's input tokens, known before it runs (the
-    hold must cover it): every token is at least one byte of text, plus the
-    template's margin and a few tokens per chat message."""
+    hold must cover it, and the final voucher pays at most this many).
+
+    Text: every token is at least one byte, plus the template's margin and a
+    few tokens per chat message. What ``params`` add to the prompt counts the
+    same way, byte for byte: the tools' and the schema's JSON (templates and
+    the format grammar put them in front of the model), earlier tool calls,
+    tool names and thinking. An image is counted as ``IMAGE_TOKENS`` (768):
+    more than the 256 to 576 tokens the common vision encoders (gemma3,
+    llava) give an image, but not a true bound, since some encoders scale
+    with resolution; a provider serving one is paid for at most 768 tokens
+    an image, and the consumer never pays more than this bound. An embed
+    job's bound is its texts' bytes plus ``EMBED_INPUT_OVERHEAD_TOKENS``
+    each (no chat template is applied)."""
+    if inputs is not None:
+        return sum(len(text.encode()) + EMBED_INPUT_OVERHEAD_TOKENS for text in inputs)
     if prompt is not None:
-        return len(prompt.encode()) + PROMPT_TEMPLATE_TOKENS
-    return sum(len(content.encode()) + MESSAGE_OVERHEAD_TOKENS for _, content in messages or ()) + PROMPT_TEMPLATE_TOKENS
+        bound = len(prompt.encode()) + PROMPT_TEMPLATE_TOKENS
+    else:
+        bound = sum(len(content.encode()) + MESSAGE_OVERHEAD_TOKENS for _, content in messages or ()) + PROMPT_TEMPLATE_TOKENS
+    return bound if params.empty else bound + _params_token_bound(params)
+
+
+def _params_token_bound(params: JobParams) -> int:
+    tokens = IMAGE_TOKENS * len(params.images)
+    if params.tools_json is not None:
+        tokens += len(params.tools_json.encode())
+    if params.format is not None:
+        tokens += len(params.format.encode())
+    for _, extra in params.message_extras:
+        tokens += IMAGE_TOKENS * len(extra.images)
+        for call in extra.tool_calls:
+            tokens += len(call.name.encode()) + len(call.arguments_json.encode()) + TOOL_CALL_OVERHEAD_TOKENS
+        tokens += len((extra.tool_name or "").encode()) + len((extra.thinking or "").encode())
+    return tokens
 
 
 def admission_refusal(request: "JobRequest", *, served_models: set[str], prices: Prices,
@@ -226,8 +286,69 @@ def covered_tokens(prices: Prices, amount: int) -> int:
 
 
 def output_hash(text: str) -> bytes:
-    """BLAKE2b-256 of the UTF-8 output text, as the receipt names it."""
+    """BLAKE2b-256 of the UTF-8 output text, as the receipt names it (a job
+    whose every frame is content; ``output_hash_of`` for any job)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=32).digest()
+
+
+CHANNEL_MARK = b"\xff"  # never a byte of UTF-8 text: marks a non-content frame in the hashed stream
+
+
+def hash_output(digest: Any, text: str, channel: int = CONTENT) -> None:
+    """Feed one TOKENS frame's output to a receipt's BLAKE2b-256 ``digest``.
+
+    Content is fed as its UTF-8 bytes, exactly as before channels existed,
+    so a content-only job hashes as it always did. Any other frame is fed
+    as ``0xFF, channel (1 byte), length of the text in bytes (4, big
+    endian), the text``: 0xFF never occurs in UTF-8, so the hashed bytes
+    say unambiguously which text came on which channel and where each
+    non-content frame ends."""
+    data = text.encode("utf-8")
+    if channel != CONTENT:
+        digest.update(CHANNEL_MARK + bytes((channel,)) + len(data).to_bytes(4, "big"))
+    digest.update(data)
+
+
+def output_hash_of(frames: Iterable[tuple[int, str]]) -> bytes:
+    """The receipt's output hash of ``(channel, text)`` frames, in order."""
+    digest = hashlib.blake2b(digest_size=32)
+    for channel, text in frames:
+        hash_output(digest, text, channel)
+    return digest.digest()
+
+
+def output_refusal(kind: str, channel: int, text: str, count: int) -> str | None:
+    """Why one TOKENS frame cannot belong to a job of ``kind``, or None.
+
+    An embed job's output is only vectors (``EMBEDDING``, count 1, the
+    base64 of little-endian float32 values), and no other job has any; a
+    tool call is the canonical JSON ``{"arguments": {...}, "name": ...}`` of
+    one call (what ``canonical_json(ToolCall.to_wire())`` gives), so the
+    consumer hands its user a call it has checked."""
+    if channel not in CHANNEL_NAMES:
+        return f"unknown output channel {channel}"
+    if (kind == "embed") != (channel == EMBEDDING):
+        return f"a {kind} job has no {CHANNEL_NAMES[channel]} output"
+    if channel == EMBEDDING:
+        if count != 1:
+            return "an embedding is billed as one token"
+        try:
+            vector = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return "an embedding is not base64"
+        if not vector or len(vector) % 4:
+            return "an embedding is not a whole number of float32 values"
+    elif channel == TOOL_CALL:
+        try:
+            value = parse_json_value(text, "tool call", MAX_TOKENS_TEXT * 4)
+            if not isinstance(value, dict) or set(value) != {"name", "arguments"}:
+                return 'a tool call is {"name": ..., "arguments": {...}}'
+            call = ToolCall.of(value["name"], value["arguments"])
+        except MalformedInput as exc:
+            return str(exc)
+        if canonical_json(call.to_wire()) != text:
+            return "a tool call is not in its canonical JSON form"
+    return None
 
 
 def body_hash(body: bytes) -> bytes:
@@ -252,6 +373,8 @@ class JobRequest:
     prices: Prices
     credit_window: int
     hold: Entry
+    params: JobParams = _NO_PARAMS  # everything besides the text (``p2pgpu.core.jobparams``), checked for the kind
+    inputs: tuple[str, ...] | None = None  # kind "embed": the texts, one vector each
 
     @property
     def consumer(self) -> bytes:
@@ -266,36 +389,118 @@ class JobRequest:
         return job_cost(self.prices, self.max_prompt_tokens, self.max_tokens)
 
 
-def encode_body(kind: str, prompt: str | None, messages) -> bytes:
-    """A REQUEST's body (the prompt, or the chat messages) as it travels;
-    ``MalformedInput`` when it is not one or does not fit ``MAX_BODY``."""
+def encode_body(kind: str, prompt: str | None, messages, params: JobParams = _NO_PARAMS,
+                inputs: Iterable[str] | None = None) -> bytes:
+    """A REQUEST's body as it travels; ``MalformedInput`` when the parts do
+    not make a job of ``kind`` or the body does not fit ``MAX_BODY``.
+
+    One encoding per job, so one body hash: a generate or chat job without
+    params has its body of old, the prompt as a msgpack string or the
+    messages as an array of ``[role, content]``; any other job's body is a
+    map with sorted keys, ``{"prompt": ...}``, ``{"messages": [...]}`` or
+    ``{"input": [text, ...]}`` (embed), plus ``"params"``, the params'
+    canonical JSON text, when there are any."""
+    if not isinstance(params, JobParams):
+        raise MalformedInput("job params must be a JobParams")
     if kind == "generate":
-        if not isinstance(prompt, str) or messages is not None:
+        if not isinstance(prompt, str) or messages is not None or inputs is not None:
             raise MalformedInput("a generate job has a prompt and no messages")
-        body = pack(prompt)
+        field, value = "prompt", prompt
     elif kind == "chat":
-        if prompt is not None or messages is None:
+        if prompt is not None or messages is None or inputs is not None:
             raise MalformedInput("a chat job has messages and no prompt")
-        body = pack([[role, content] for role, content in messages])
+        field, value = "messages", [[role, content] for role, content in messages]
+    elif kind == "embed":
+        if prompt is not None or messages is not None or inputs is None:
+            raise MalformedInput("an embed job has inputs and neither prompt nor messages")
+        field, value = "input", list(inputs)
     else:
         raise MalformedInput(f"job kind must be one of {KINDS}, not {kind!r}")
+    if params.empty and kind != "embed":
+        body = pack(value)
+    else:
+        fields = {field: value} if params.empty else {field: value, "params": params.to_json()}
+        body = pack(dict(sorted(fields.items())))
     if len(body) > MAX_BODY:
         raise MalformedInput(f"job body of {len(body)} bytes exceeds {MAX_BODY}")
     return body
 
 
+_BODY_FIELD = {"generate": "prompt", "chat": "messages", "embed": "input"}
+
+
 def _decode_body(kind: str, body: bytes):
+    """(prompt, messages, params, inputs) of a body (``encode_body``), every
+    part checked; ``MalformedInput`` names the part it refuses."""
     value = unpack(body, max_size=MAX_BODY, what="job body")
-    if pack(value) != body:
-        raise MalformedInput("job body is not canonical msgpack")
+    field = _BODY_FIELD[kind]
+    params = _NO_PARAMS
+    if isinstance(value, dict):
+        unknown = sorted(str(key)[:40] for key in value if key not in (field, "params"))
+        if unknown:
+            raise MalformedInput(f"job body: unknown field {unknown[0]!r} in a {kind} job")
+        if field not in value:
+            raise MalformedInput(f"job body: a {kind} job needs {field!r}")
+        if "params" in value:
+            params = JobParams.from_json(check_str(value["params"], "job params", MAX_BODY))
+            if params.empty:
+                raise MalformedInput("job body: empty params are left out")
+        elif kind != "embed":
+            raise MalformedInput(f"job body: a {kind} job without params has its plain body, not a map")
+        value = value[field]
+    elif kind == "embed":
+        raise MalformedInput("job body: an embed job's body is a map with 'input'")
+    prompt = messages = inputs = None
     if kind == "generate":
-        return check_str(value, "prompt", MAX_BODY), None
-    check_list(value, "messages", max_len=MAX_MESSAGES)
-    messages = []
-    for item in value:
-        check_list(item, "message", length=2)
-        messages.append((check_str(item[0], "role", MAX_ROLE_CHARS), check_str(item[1], "content", MAX_BODY)))
-    return None, tuple(messages)
+        prompt = check_str(value, "prompt", MAX_BODY)
+    elif kind == "chat":
+        check_list(value, "messages", max_len=MAX_MESSAGES)
+        pairs = []
+        for index, item in enumerate(value):
+            check_list(item, f"messages[{index}]", length=2)
+            role = check_str(item[0], f"messages[{index}].role", MAX_ROLE_CHARS)
+            if role not in CHAT_ROLES:
+                raise MalformedInput(f"messages[{index}].role: {role!r} is not one of {CHAT_ROLES}")
+            pairs.append((role, check_str(item[1], f"messages[{index}].content", MAX_BODY)))
+        messages = tuple(pairs)
+    else:
+        check_list(value, "input", max_len=MAX_EMBED_INPUTS)
+        if not value:
+            raise MalformedInput("input: an embed job embeds at least one text")
+        inputs = tuple(check_str(text, f"input[{index}]", MAX_BODY) for index, text in enumerate(value))
+    check_job_params(kind, params, 0 if messages is None else len(messages))
+    if encode_body(kind, prompt, messages, params, inputs) != body:
+        raise MalformedInput("job body is not canonical msgpack")
+    return prompt, messages, params, inputs
+
+
+def check_job_params(kind: str, params: JobParams, message_count: int = 0) -> None:
+    """Whether ``params`` (checked on their own already) fit a job of
+    ``kind`` with ``message_count`` chat messages: ``MalformedInput``
+    naming the field if not. Both sides ask, the consumer before it signs
+    and the provider as it decodes.
+
+    A generate prompt's images are ``images``; a chat message's are in its
+    ``message_extras`` entry, whose index must name one of the messages.
+    Tools need a chat (Ollama's generate has none). An embed job takes only
+    ``truncate`` and ``dimensions``, which nothing else takes."""
+    if kind == "embed":
+        if replace(params, truncate=None, dimensions=None) != _NO_PARAMS:
+            raise MalformedInput("job params: an embed job takes only truncate and dimensions")
+        return
+    if params.truncate is not None or params.dimensions is not None:
+        raise MalformedInput("job params: truncate and dimensions are for embed jobs only")
+    if kind == "generate":
+        if params.message_extras:
+            raise MalformedInput("job params: message_extras are for chat jobs (a prompt's images go in images)")
+        if params.tools_json is not None:
+            raise MalformedInput("job params: tools need a chat job (messages), not a prompt")
+        return
+    if params.images:
+        raise MalformedInput("job params: images are for a prompt; a chat message's images go in message_extras")
+    for index, _ in params.message_extras:
+        if index >= message_count:
+            raise MalformedInput(f"message_extras[{index}]: the job has {message_count} messages")
 
 
 def make_request(
@@ -312,10 +517,15 @@ def make_request(
     credit_window: int,
     prompt: str | None = None,
     messages=None,
+    params: JobParams = _NO_PARAMS,
+    inputs: Iterable[str] | None = None,
 ) -> tuple[Signed, bytes]:
-    """Sign a job request; returns (signed request, body bytes)."""
-    kind = "chat" if messages is not None else "generate"
-    body = encode_body(kind, prompt, messages)
+    """Sign a job request; returns (signed request, body bytes). The kind
+    follows from what is given: ``inputs`` (embed: ``max_tokens`` must be
+    their number, one vector each), ``messages`` (chat) or ``prompt``
+    (generate); ``params`` must fit it (``check_job_params``)."""
+    kind = "embed" if inputs is not None else "chat" if messages is not None else "generate"
+    body = encode_body(kind, prompt, messages, params, inputs)
     signed = sign_object(key, Tag.JOB_REQUEST, network_id, now_ms, [
         job_id, normalize_model_name(model), kind, body_hash(body), max_prompt_tokens, max_tokens,
         prices.price_in, prices.price_out, credit_window, hold.wire,
@@ -346,14 +556,17 @@ def decode_request(wire: bytes, body: bytes, network_id: bytes) -> JobRequest:
     check_bytes(body, "job body", max_size=MAX_BODY)
     if body_hash(body) != bhash:
         raise MalformedInput("job body does not match the signed hash")
-    prompt, messages = _decode_body(kind, body)
+    prompt, messages, params, inputs = _decode_body(kind, body)
+    if inputs is not None and max_tokens != len(inputs):
+        raise MalformedInput(f"max tokens: an embed job's is its number of inputs ({len(inputs)}), not {max_tokens}")
     hold = decode_entry(hold_wire, network_id)
     if hold.kind != HOLD or hold.author != signed.signer:
         raise MalformedInput("embedded entry is not the requester's HOLD")
     body_h: Hold = hold.body  # type: ignore[assignment]
     if body_h.job_id != job_id:
         raise MalformedInput("the hold is for another job")
-    request = JobRequest(signed, job_id, model, kind, prompt, messages, max_prompt, max_tokens, prices, window, hold)
+    request = JobRequest(signed, job_id, model, kind, prompt, messages, max_prompt, max_tokens, prices, window, hold,
+                         params, inputs)
     if request.max_cost > body_h.amount:
         raise MalformedInput(f"hold of {format_coins(body_h.amount)} coins does not cover the job's maximum cost "
                              f"of {format_coins(request.max_cost)} coins")
@@ -402,6 +615,7 @@ def decode_receipt(wire: bytes, network_id: bytes) -> Receipt:
 # signed request and the body; RECEIPT/VOUCHER/REJECT carry signed wires.
 
 _FRAME_LEN = {REQUEST: 5, ACCEPT: 2, REJECT: 5, TOKENS: 6, VOUCHER: 3, CANCEL: 4, RECEIPT: 3, ERROR: 5}
+# TOKENS may carry a 7th element, its output channel (1..3); decoded frames always have it in ``args``.
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +642,10 @@ def decode_frame(data: bytes) -> Frame:
     type_ = check_int(value[0], "frame type", 0, 255)
     if type_ not in _FRAME_LEN:
         raise MalformedInput(f"unknown job frame type {type_}")
-    check_list(value, f"{FRAME_NAMES[type_]} frame", length=_FRAME_LEN[type_])
+    if type_ == TOKENS and len(value) == _FRAME_LEN[TOKENS] + 1:
+        pass  # TOKENS with its optional channel
+    else:
+        check_list(value, f"{FRAME_NAMES[type_]} frame", length=_FRAME_LEN[type_])
     job_id = check_bytes(value[1], "job id", size=JOB_ID_SIZE)
     a = value[2:]
     if type_ == REQUEST:
@@ -447,6 +664,10 @@ def decode_frame(data: bytes) -> Frame:
         check_str(a[1], "text", MAX_TOKENS_TEXT)
         check_int(a[2], "count", 1, MAX_TOKENS_PER_FRAME)
         check_int(a[3], "total", 1, MAX_JOB_TOKENS)
+        if len(a) == 4:
+            a = [*a, CONTENT]
+        else:  # content is sent without the element: one encoding per frame
+            check_int(a[4], "channel", THINKING, max(CHANNEL_NAMES))
     elif type_ == VOUCHER or type_ == RECEIPT:
         check_bytes(a[0], FRAME_NAMES[type_], max_size=MAX_WIRE)
     elif type_ == CANCEL:
@@ -466,9 +687,11 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Consumer: hand these tokens to the user."""
+    """Consumer: hand these tokens to the user; ``channel`` says what they
+    are (``CONTENT``, ``THINKING``, ``TOOL_CALL`` or ``EMBEDDING``)."""
     text: str
     count: int
+    channel: int = CONTENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,23 +970,26 @@ class ConsumerSession(_Machine):
         return self._end(Failed(reason, retryable=True, code=code, rejected=True), waiver)
 
     def _on_tokens(self, frame, now_ms):
-        seq, text, count, total = frame.args
+        seq, text, count, total, channel = frame.args
         if seq != self.next_seq:
             raise ProtocolViolation(f"tokens frame {seq} where {self.next_seq} was due")
         if total != self.received + count:
             raise ProtocolViolation(f"running total {total} does not match {self.received} + {count}")
         if total > self.request.max_tokens:
             raise ProtocolViolation(f"{total} output tokens exceed the request's {self.request.max_tokens}")
+        refusal = output_refusal(self.request.kind, channel, text, count)
+        if refusal is not None:
+            raise ProtocolViolation(f"tokens frame {seq}: {refusal}")
         self.next_seq += 1
         self.received = total
-        self._hash.update(text.encode("utf-8"))
+        hash_output(self._hash, text, channel)
         actions: list[Action] = []
         if self.state is _C.CLOSING:
             next_state = _C.CLOSING
         else:
             next_state = _C.STREAMING
             self.deadline = now_ms + self.config.stall_ms
-            actions.append(Deliver(text, count))
+            actions.append(Deliver(text, count, channel))
         if self.received - self.paid_tokens >= self.voucher_every:
             self.paid_tokens = self.received
             actions += self._voucher(job_cost(self.prices, 0, self.received), now_ms)
@@ -898,7 +1124,7 @@ class ProviderSession(_Machine):
         self.request: JobRequest | None = None
         self.sent = 0  # output tokens sent
         self.seq = 0
-        self.buffer: tuple[tuple[str, int], ...] = ()  # produced while paused
+        self.buffer: tuple[tuple[str, int, int], ...] = ()  # (text, count, channel) produced while paused
         self.paid = 0  # the newest voucher's amount (what we claim)
         self.kept = 0  # the newest voucher the edge made durable (what a crash leaves us); the window counts from it
         self.voucher: Signed | None = None
@@ -930,9 +1156,10 @@ class ProviderSession(_Machine):
     def reject(self, now_ms: int, code: int, text: str) -> list[Action]:
         return self._dispatch("reject", now_ms, code, text)
 
-    def tokens(self, now_ms: int, text: str, count: int = 1) -> list[Action]:
-        """Model output: ``count`` tokens of ``text`` (one Ollama stream chunk)."""
-        return self._dispatch("tokens", now_ms, text, count)
+    def tokens(self, now_ms: int, text: str, count: int = 1, channel: int = CONTENT) -> list[Action]:
+        """Model output: ``count`` tokens of ``text`` (one Ollama stream
+        chunk) on output ``channel`` (an embedding: one vector, count 1)."""
+        return self._dispatch("tokens", now_ms, text, count, channel)
 
     def finished(self, now_ms: int, prompt_eval_count: int, eval_count: int,
                  durations_ns: tuple[int, int, int, int] = (0, 0, 0, 0)) -> list[Action]:
@@ -978,13 +1205,16 @@ class ProviderSession(_Machine):
         covered = self.covered if amount is None else covered_tokens(self.request.prices, amount)
         return self.sent - covered >= self.request.credit_window
 
-    def _send_tokens(self, text: str, count: int) -> Send:
+    def _send_tokens(self, text: str, count: int, channel: int) -> Send:
         assert self.request is not None
         if self.sent + count > self.request.max_tokens:
             raise LocalProtocolError(f"{self.sent + count} tokens exceed the request's max_tokens")
         self.sent += count
-        self._hash.update(text.encode("utf-8"))
-        frame = encode_frame(TOKENS, self.job_id, self.seq, text, count, self.sent)
+        hash_output(self._hash, text, channel)
+        if channel == CONTENT:  # content frames are as they were before channels
+            frame = encode_frame(TOKENS, self.job_id, self.seq, text, count, self.sent)
+        else:
+            frame = encode_frame(TOKENS, self.job_id, self.seq, text, count, self.sent, channel)
         self.seq += 1
         return Send(frame)
 
@@ -1038,23 +1268,27 @@ class ProviderSession(_Machine):
     def _on_cancel_early(self, frame, now_ms):
         return _P.DONE, []
 
-    def _tokens(self, now_ms, text, count):
+    def _tokens(self, now_ms, text, count, channel):
         check_str(text, "text", MAX_TOKENS_TEXT)
         check_int(count, "count", 1, MAX_TOKENS_PER_FRAME)
+        check_int(channel, "channel", CONTENT, max(CHANNEL_NAMES))
         assert self.request is not None
+        refusal = output_refusal(self.request.kind, channel, text, count)
+        if refusal is not None:
+            raise LocalProtocolError(refusal)
         if self.state is _P.PAUSED:
-            if self.sent + sum(c for _, c in self.buffer) + count > self.request.max_tokens:
+            if self.sent + sum(c for _, c, _ in self.buffer) + count > self.request.max_tokens:
                 raise LocalProtocolError("tokens exceed the request's max_tokens")
-            self.buffer += ((text, count),)
+            self.buffer += ((text, count, channel),)
             return _P.PAUSED, []
-        actions: list[Action] = [self._send_tokens(text, count)]
+        actions: list[Action] = [self._send_tokens(text, count, channel)]
         if self._window_full():
             self.deadline = now_ms + self.config.pause_grace_ms
             log.info("job %s: credit window full, pausing", self.job_id.hex()[:8])
             return _P.PAUSED, actions + [Pause()]
         return _P.RUNNING, actions
 
-    def _drop_tokens(self, now_ms, text, count):
+    def _drop_tokens(self, now_ms, text, count, channel):
         return _P.STOPPING, []
 
     def _on_voucher(self, frame, now_ms):
@@ -1091,8 +1325,8 @@ class ProviderSession(_Machine):
         actions: list[Action] = []
         # Flush what was produced while paused, as far as the window allows.
         while self.buffer and not self._window_full():
-            (text, count), self.buffer = self.buffer[0], self.buffer[1:]
-            actions.append(self._send_tokens(text, count))
+            (text, count, channel), self.buffer = self.buffer[0], self.buffer[1:]
+            actions.append(self._send_tokens(text, count, channel))
         if self._window_full():
             return _P.PAUSED, actions
         self.deadline = None

@@ -456,11 +456,14 @@ def explain_no_match(
     max_tokens: int = 0,
     prompt_tokens_estimate: int = 0,
     max_price: int | None = None,
+    include_busy: bool = False,
 ) -> str:
     """Why ``rank`` with these arguments finds nothing, in one sentence for
     the user: no live offers; nobody serves the model (naming the models the
     network does offer); every provider serving it is busy; every free one
-    costs more than ``max_price``. Says so if there is in fact a match."""
+    costs more than ``max_price``. Says so if there is in fact a match.
+    ``include_busy`` as ``rank`` takes it: busy providers count (a job
+    waits for them), so being busy is never the reason."""
     _check_job(max_tokens, prompt_tokens_estimate, now_ms, max_price)
     key = normalize_model_name(model)
     live = [o for o in offers if o.is_live(now_ms)]
@@ -473,7 +476,7 @@ def explain_no_match(
             f"no provider serves model {key!r}; the network offers: {', '.join(available)}"
             if available else f"no provider serves model {key!r}; the network offers no models at all"
         )
-    free = [o for o in serving if o.slots_free > 0]
+    free = serving if include_busy else [o for o in serving if o.slots_free > 0]
     providers = len({o.provider for o in serving})
     if not free:
         return f"all {providers} providers serving {key!r} are busy (no free job slots); try again shortly"
@@ -482,7 +485,7 @@ def explain_no_match(
         busy = providers - len({o.provider for o in free})
         busy_note = f" ({busy} more are busy)" if busy else ""
         return (
-            f"every free provider serving {key!r}{busy_note} costs more than the limit of "
+            f"every {'' if include_busy else 'free '}provider serving {key!r}{busy_note} costs more than the limit of "
             f"{format_coins(max_price)} coins for this job (worst case {prompt_tokens_estimate} input + "
             f"{max_tokens} output tokens); the cheapest would cost {format_coins(costs[0])} coins"
         )

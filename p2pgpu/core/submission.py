@@ -67,8 +67,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from p2pgpu.core.continuation import ContinuationKind, Work, plan_continuation
+from p2pgpu.core.continuation import ContinuationKind, Work, params_for_chat, plan_continuation
 from p2pgpu.core.identity import peer_id_from_public_key
+from p2pgpu.core.jobparams import JobParams
+from p2pgpu.core.jobs import check_job_params
 from p2pgpu.core.jobrecords import CANCELLED, COMPLETED, FAILED, REJECTED
 from p2pgpu.core.offers import Offer
 from p2pgpu.core.ranking import ProviderHistory, RankedOffer, explain_no_match, rank
@@ -188,6 +190,7 @@ class AttemptReport:
     ttft_s: float | None = None
     tokens_per_s: float | None = None
     release: str = "pending"  # what became of its hold, for the done event
+    durations_ns: tuple[int, int, int, int] | None = None  # the receipt's (total, load, prompt_eval, eval)
 
     @property
     def started(self) -> bool:
@@ -593,10 +596,18 @@ class Submission:
 
     def _done_event(self, report: AttemptReport | None) -> dict[str, Any]:
         """``tokens`` and ``cost`` over all attempts (after a failover each
-        provider is paid for its part of the answer); speed and release from
-        the last attempt's ``report``, when it completed (a provider that
-        died after its last token has none)."""
+        provider is paid for its part of the answer); speed, release and
+        durations from the last attempt's ``report``, when it completed (a
+        provider that died after its last token has none: zeros).
+
+        ``eval_count`` is ``tokens`` under Ollama's name (every output token
+        delivered, on any channel); ``done_reason`` is "length" when they
+        reached ``max_tokens`` (the answer was cut there), else "stop". An
+        embed job always asks for exactly one token per input, so its
+        reason is "stop"."""
         assert self._provider is not None
+        durations = (report.durations_ns if report is not None else None) or (0, 0, 0, 0)
+        cut = self.original.inputs is None and self.delivered >= self.original.max_tokens
         return {
             "type": "done",
             "job_id": self.job_id.hex(),
@@ -608,6 +619,9 @@ class Submission:
             "tokens_per_s": report.tokens_per_s if report is not None else None,
             "ttft_s": report.ttft_s if report is not None else None,
             "release": report.release if report is not None else "pending",
+            "done_reason": "length" if cut else "stop",
+            "eval_count": self.delivered,
+            "durations_ns": dict(zip(("total", "load", "prompt_eval", "eval"), durations)),
         }
 
 
@@ -615,18 +629,37 @@ class Submission:
 
 
 def work_of(prompt: str | None, messages: Iterable[tuple[str, str]] | None, system: str | None, max_tokens: int,
-            max_price: int | None) -> Work:
+            max_price: int | None, *, params: JobParams = JobParams(), inputs: Iterable[str] | None = None) -> Work:
     """A request as its first attempt sends it: a plain prompt as is; with a
     system prompt or chat messages, a chat whose first message is the
-    system prompt (and whose last is ``prompt``, when both are given)."""
-    if messages is None and system is None:
-        return Work(prompt, None, max_tokens, max_price)
-    chat = list(messages or ())
-    if system is not None:
-        chat.insert(0, ("system", system))
-    if prompt is not None:
-        chat.append(("user", prompt))
-    return Work(None, tuple(chat), max_tokens, max_price)
+    system prompt (and whose last is ``prompt``, when both are given);
+    ``inputs``: an embed job, one vector (one token) per input.
+
+    ``params`` name messages by their index in ``messages``: a system
+    message put first moves them one on, and a prompt's images go onto its
+    user message. ``MalformedInput`` (naming the field) when the params do
+    not fit the job or the whole does not fit a REQUEST body, so a user
+    hears it before anything is held or sent."""
+    if inputs is not None:
+        if prompt is not None or messages is not None or system is not None:
+            raise MalformedInput("an embed job has inputs and no prompt, messages or system prompt")
+        texts = tuple(inputs)
+        work = Work(None, None, len(texts), max_price, params, texts)
+    elif messages is None and system is None:
+        work = Work(prompt, None, max_tokens, max_price, params)
+    else:
+        chat = list(messages or ())
+        if system is not None:
+            chat.insert(0, ("system", system))
+        user_index = None
+        if prompt is not None:
+            chat.append(("user", prompt))
+            user_index = len(chat) - 1
+        work = Work(None, tuple(chat), max_tokens, max_price,
+                    params_for_chat(params, 1 if system is not None else 0, user_index))
+    check_job_params(work.kind, work.params, len(work.messages or ()))
+    work.body()  # MalformedInput: more than a REQUEST body holds
+    return work
 
 
 def admit(offers: Iterable[Offer], model: str, work: Work, *, history: ProviderHistory, now_ms: int,
@@ -642,7 +675,8 @@ def admit(offers: Iterable[Offer], model: str, work: Work, *, history: ProviderH
                   now_ms=now_ms, max_price=work.max_price, include_busy=True)
     if not ranked:
         raise ExecutionFailed(explain_no_match(offers, model, now_ms, max_tokens=work.max_tokens,
-                                               prompt_tokens_estimate=estimate, max_price=work.max_price))
+                                               prompt_tokens_estimate=estimate, max_price=work.max_price,
+                                               include_busy=True))
     cheapest = min(r.cost for r in ranked)
     if spendable < cheapest:
         raise InsufficientFunds(
