@@ -610,7 +610,7 @@ def _shown_default(param: click.Option, value: Any) -> str | None:
         return None
     if isinstance(value, bool):  # the flag that gives it: --provide, --no-offer-cpu
         return param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
-    if param.name in ("price_in", "price_out"):
+    if param.name in ("price_in", "price_out", "gateway_limit_request", "gateway_limit_hour"):
         return f"{format_coins(value)} coins"
     if isinstance(value, float):
         return f"{value:g}"
@@ -630,6 +630,10 @@ def _shown_default(param: click.Option, value: Any) -> str | None:
 @click.option("--slots", type=int, help="Jobs run at once (what is advertised).")
 @click.option("--offer-cpu/--no-offer-cpu", default=None, help="Offer CPU inference when no GPU is found.")
 @click.option("--api-port", type=int, help="Local API port on 127.0.0.1 (0 picks a free one).")
+@click.option("--gateway-listen", metavar="HOST:PORT",
+              help="Ollama/OpenAI-compatible gateway address (port 0 picks a free one; off turns it off).")
+@click.option("--gateway-token/--no-gateway-token", default=None,
+              help="Gateway requests need the API token (--no-gateway-token: loopback only, as Ollama works).")
 @click.option("--heartbeat", "heartbeat_s", type=float, help="Seconds between offers.")
 @click.option("--offer-ttl", "offer_ttl_s", type=float, help="Seconds an offer stays valid.")
 @click.option("--sync-interval", "sync_interval_s", type=float, help="Seconds between ledger anti-entropy rounds.")
@@ -1090,7 +1094,7 @@ def submit(
             kind = event.get("type")
             if settings.json:
                 click.echo(json.dumps(event))
-            elif kind == "token":
+            elif kind == "token" and "channel" not in event:  # thinking, tool calls, vectors are not the answer
                 text = _safe_text(event.get("text", ""))
                 if text:
                     click.echo(text, nl=False)

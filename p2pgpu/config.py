@@ -21,6 +21,11 @@ float ever touches money)::
     offer_ttl_s     = 30
     sync_interval_s = 10
     queue_timeout_s = 300                     # longest a job waits for a free provider slot
+    gateway_listen  = "127.0.0.1:11435"       # the Ollama/OpenAI gateway; "off" turns it off
+    gateway_token   = true                    # gateway requests need the API token (false: loopback only)
+    gateway_allow_remote = false              # allow a non-loopback gateway address (token required)
+    gateway_limit_request = "0.1"             # most coins one gateway request may spend
+    gateway_limit_hour    = "1"               # most coins the gateway may spend in any hour
 
 Environment lists (``P2PGPU_BOOTSTRAP``) are comma-separated.
 """
@@ -32,14 +37,58 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Final, Mapping
 
 from p2pgpu.core.units import parse_coins
 from p2pgpu.datadir import default_data_dir
 from p2pgpu.errors import ConfigError, MalformedInput
 from p2pgpu.executor import default_ollama_host
+from p2pgpu.httpserve import is_loopback
 
 ENV_PREFIX = "P2PGPU_"
+
+DEFAULT_GATEWAY_LISTEN: Final = "127.0.0.1:11435"
+DEFAULT_LIMIT_REQUEST: Final = 100_000  # 0.1 coin: about 65k output tokens at the default 1.5 coins per million
+DEFAULT_LIMIT_HOUR: Final = 1_000_000  # 1 coin
+DEFAULT_MAX_TOKENS: Final = 2048
+"""``num_predict``/``max_tokens`` when a client gives none (Ollama's own
+default runs to the context's end; a paid job needs a bound for its hold)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Where the gateway (``p2pgpu.gateway``) listens and what it allows: a
+    non-loopback address only when allowed, and then only with the token."""
+
+    listen: str = DEFAULT_GATEWAY_LISTEN  # "host:port"; "" or "off" turns the gateway off
+    token: bool = True  # requests must carry the API token
+    allow_remote: bool = False
+    limit_request: int = DEFAULT_LIMIT_REQUEST  # base units
+    limit_hour: int = DEFAULT_LIMIT_HOUR
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen.strip().lower() not in ("", "off", "none", "false")
+
+    def address(self) -> tuple[str, int]:
+        """(host, port), checked; ``ConfigError`` says what is wrong and what to set."""
+        text = self.listen.strip()
+        host, sep, port_text = text.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(f"gateway_listen must be HOST:PORT (e.g. {DEFAULT_GATEWAY_LISTEN}), not {text!r}")
+        if not is_loopback(host):
+            if not self.allow_remote:
+                raise ConfigError(
+                    f"gateway_listen {text!r} is not a loopback address: the gateway spends this node's coins, "
+                    "so it listens on 127.0.0.1 unless you set gateway_allow_remote = true (which needs the token)")
+            if not self.token:
+                raise ConfigError("a gateway on a non-loopback address must require the API token "
+                                  "(gateway_token = true)")
+        return ("127.0.0.1" if host == "localhost" else host), int(port_text)
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +108,11 @@ class NodeConfig:
     offer_ttl_s: float = 30.0
     sync_interval_s: float = 10.0
     queue_timeout_s: float = 300.0
+    gateway_listen: str = DEFAULT_GATEWAY_LISTEN
+    gateway_token: bool = True
+    gateway_allow_remote: bool = False
+    gateway_limit_request: int = DEFAULT_LIMIT_REQUEST  # base units
+    gateway_limit_hour: int = DEFAULT_LIMIT_HOUR
 
     def __post_init__(self) -> None:
         if not 1 <= self.slots <= 1024:
@@ -73,6 +127,17 @@ class NodeConfig:
             raise ConfigError("prices cannot be negative")
         if not 0 <= self.queue_timeout_s <= 86_400:
             raise ConfigError("queue_timeout_s must be between 0 and 86400")
+        if self.gateway_limit_request < 0 or self.gateway_limit_hour < 0:
+            raise ConfigError("gateway spending limits cannot be negative")
+        gateway = self.gateway()
+        if gateway.enabled:
+            gateway.address()  # a bad or unsafe address fails here, with what to set
+
+    def gateway(self) -> GatewayConfig:
+        """The gateway's part of the configuration."""
+        return GatewayConfig(listen=self.gateway_listen, token=self.gateway_token,
+                             allow_remote=self.gateway_allow_remote, limit_request=self.gateway_limit_request,
+                             limit_hour=self.gateway_limit_hour)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -99,9 +164,9 @@ def _convert(name: str, value: Any) -> Any:
         if name == "bootstrap":
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(item.strip() for item in items if str(item).strip())
-        if name in ("price_in", "price_out"):
+        if name in ("price_in", "price_out", "gateway_limit_request", "gateway_limit_hour"):
             return value if isinstance(value, int) and not isinstance(value, bool) else parse_coins(str(value))
-        if name in ("provide", "offer_cpu"):
+        if name in ("provide", "offer_cpu", "gateway_token", "gateway_allow_remote"):
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()

@@ -53,6 +53,8 @@ from p2pgpu.consumer import Consumer, NetworkAttempts
 from p2pgpu.datadir import DataDir, GenesisInstall, read_genesis_file
 from p2pgpu.errors import ConfigError, JobStateConflict, LedgerRuleViolation, P2PGPUError
 from p2pgpu.executor import OllamaBackend
+from p2pgpu.gateway import Gateway, serve_gateway
+from p2pgpu.gateway.app import gateway_url, remove_gateway_address, write_gateway_address
 from p2pgpu.holds import HoldReleased, Holds, KeptVouchers, PaySettled, SettleConfig
 from p2pgpu.jobrunner import JobStreamPool, ProviderService
 from p2pgpu.market import Market, MarketConfig
@@ -100,6 +102,8 @@ class Node:
                              on_offer=self._offer_arrived)
         self.book = self.market.book  # the consumer side ranks and reserves from it
         self.api_port: int | None = None
+        self.gateway: Gateway | None = None
+        self.gateway_port: int | None = None
         self.started_at = time.monotonic()
         self._stopping = trio.Event()
         self._incoming = trio.Event()
@@ -175,6 +179,11 @@ class Node:
                         nursery.start_soon(self.market.provide)
                     self.api_port = await nursery.start(serve_api, create_app(self, self.token), config.api_port)
                     write_api_address(self.data_dir, self.api_port)
+                    gateway = config.gateway()
+                    if gateway.enabled:
+                        self.gateway = Gateway(self, self.token, gateway)
+                        self.gateway_port = await nursery.start(serve_gateway, self.gateway)
+                        write_gateway_address(self.data_dir, gateway.address()[0], self.gateway_port)
                     log.info("node %s up: p2p %s, api 127.0.0.1:%d", self.key.peer_id, host.listen_addrs(), self.api_port)
                     self._incoming.set()  # take in anything that arrived while we were offline
                     task_status.started(self)
@@ -183,6 +192,7 @@ class Node:
                     nursery.cancel_scope.cancel()
         finally:
             remove_api_address(self.data_dir, self.api_port)
+            remove_gateway_address(self.data_dir)
             if self.job_store is not None:
                 self.job_store.close()
             # The databases first: an await here raises at once when the
@@ -249,6 +259,8 @@ class Node:
             "frozen": [peer_id_from_public_key(pk) for pk in self.ledger.frozen()],
             "replication": self.replicator.stats() if self.replicator else {},
             "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "gateway": (gateway_url(self.config.gateway().address()[0], self.gateway_port)
+                        if self.gateway_port is not None else None),
         }
 
     def peers(self) -> list[dict[str, Any]]:

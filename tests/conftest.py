@@ -3,6 +3,7 @@ in-memory double and real LevelDB in a temporary directory."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 
 from p2pgpu.core.kv import MemoryStore
 from p2pgpu.store import LevelDBStore
+
+
+# Nodes that tests start as processes (``p2pgpu node run``) inherit this: each
+# gateway on a free port, never the one default port (11435) that a second
+# node on the machine, or the developer's own node, would already hold.
+os.environ.setdefault("P2PGPU_GATEWAY_LISTEN", "127.0.0.1:0")
 
 
 class StoreFactory:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pgpu.api import read_api_address
+from p2pgpu.gateway.app import GATEWAY_ADDRESS_FILE, read_gateway_address
 from p2pgpu.api_client import ApiClient
 from p2pgpu.core.genesis import Genesis, LedgerParams
 from p2pgpu.datadir import DataDir
@@ -295,6 +296,7 @@ class NodeProcess(_Managed):
 
     def start(self) -> None:
         (self.data_dir / "api.addr").unlink(missing_ok=True)
+        (self.data_dir / GATEWAY_ADDRESS_FILE).unlink(missing_ok=True)
         command = [sys.executable, "-m", "p2pgpu.cli", "--data-dir", str(self.data_dir), "node", "run", *self.args]
         self._launch(command, self.log_path, "a")
 
@@ -335,6 +337,11 @@ class NodeProcess(_Managed):
                 last_error = exc
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout} s ({last_error}); see {self.log_path}")
+
+    def gateway_url(self) -> str | None:
+        """Its Ollama/OpenAI gateway (``http://127.0.0.1:PORT``), once it runs
+        (in the node's network namespace when it has one)."""
+        return read_gateway_address(DataDir(self.data_dir))
 
     def _remember(self, status: dict) -> None:
         self.peer_id = status.get("peer_id") or self.peer_id
@@ -439,6 +446,7 @@ class Devnet:
             "--heartbeat", str(self.heartbeat_s),
             "--offer-ttl", str(self.offer_ttl_s),
             "--sync-interval", str(self.sync_interval_s),
+            "--gateway-listen", "127.0.0.1:0",  # one default port per machine: each node takes a free one
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]

@@ -77,6 +77,7 @@ class LocalNetwork:
             heartbeat_s=HEARTBEAT_S,
             offer_ttl_s=TTL_S,
             sync_interval_s=1.0,
+            gateway_listen="127.0.0.1:0",  # every node its own free port (the default 11435 is one per machine)
         )
         if self.queue_timeout_s is not None:
             config = dataclasses.replace(config, queue_timeout_s=self.queue_timeout_s)
