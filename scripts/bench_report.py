@@ -338,6 +338,8 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             lines += gossip_section(gossip_runs(results), plots)
         else:
             lines += suite_section(name, suites.get(name), plots)
+    lines += ["## Gateway", "", "Measured on its own (`scripts/bench.py gateway --json`): see "
+              "[benchmarks-gateway.md](benchmarks-gateway.md).", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
