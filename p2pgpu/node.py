@@ -181,7 +181,7 @@ class Node:
                     write_api_address(self.data_dir, self.api_port)
                     gateway = config.gateway()
                     if gateway.enabled:
-                        self.gateway = Gateway(self, self.token, gateway)
+                        self.gateway = Gateway(self, self.token, self.key.peer_id, gateway)
                         self.gateway_port = await nursery.start(serve_gateway, self.gateway)
                         write_gateway_address(self.data_dir, gateway.address()[0], self.gateway_port)
                     log.info("node %s up: p2p %s, api 127.0.0.1:%d", self.key.peer_id, host.listen_addrs(), self.api_port)

@@ -60,7 +60,8 @@ class Setup:
 
     async def gateway(self, **config) -> str:
         """Another gateway on the consumer node, with its own settings."""
-        gateway = Gateway(self.consumer, self.consumer.token, GatewayConfig(listen="127.0.0.1:0", **config))
+        gateway = Gateway(self.consumer, self.consumer.token, self.consumer.key.peer_id,
+                          GatewayConfig(listen="127.0.0.1:0", **config))
         port = await self.nursery.start(serve_gateway, gateway)
         return f"http://127.0.0.1:{port}"
 

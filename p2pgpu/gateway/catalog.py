@@ -44,9 +44,8 @@ class NetworkModel:
         }
 
 
-def network_models(view: NodeView) -> list[NetworkModel]:
-    """Every model some other node offers now, by name."""
-    me = view.status()["peer_id"]
+def network_models(view: NodeView, me: str) -> list[NetworkModel]:
+    """Every model some node other than ``me`` (our peer id) offers now, by name."""
     by_model: dict[str, list[tuple[int, int, int, bool]]] = {}
     for offer in view.offers(None):
         if offer["provider"] == me:

@@ -138,11 +138,10 @@ class GatewayJob:
 
     def __init__(self, view: NodeView, budget: SpendingBudget, nursery: trio.Nursery, now_ms: Callable[[], int],
                  request: SubmitRequest, *, client_cap: int | None = None,
-                 needed: Callable[[int], int | None] | None = None) -> None:
+                 needed: Callable[[], int | None] | None = None) -> None:
         """``client_cap``: the client's own price bound (base units);
-        ``needed(max_tokens)``: the cheapest provider's worst case for this
-        request, or None when nobody serves it (then the node's own error
-        says why)."""
+        ``needed()``: the cheapest provider's worst case for this request,
+        or None when nobody serves it (then the node's own error says why)."""
         self.view, self.budget, self.nursery, self.now_ms = view, budget, nursery, now_ms
         self.request = request
         self.client_cap = client_cap
@@ -169,7 +168,7 @@ class GatewayJob:
         try:
             self.reservation = self.budget.reserve(self.now_ms(), self.client_cap)
             if self._needed is not None:
-                needed = self._needed(self.reservation.amount)
+                needed = self._needed()
                 if needed is not None and (refusal := self.budget.refusal_for(self.reservation, needed, self.now_ms())):
                     raise refusal
             events = self.view.submit(replace(self.request, max_price=self.reservation.amount))
@@ -186,9 +185,13 @@ class GatewayJob:
         self._note(first)
         self._buffer.append(first)
         self.nursery.start_soon(self._pump, events)
-        while not any(e["type"] == "token" or e["type"] in FINAL for e in self._buffer):
-            event = await self._receive.receive()
-            self._buffer.append(event)
+        try:
+            while not any(e["type"] == "token" or e["type"] in FINAL for e in self._buffer):
+                event = await self._receive.receive()
+                self._buffer.append(event)
+        except BaseException:  # the request was cancelled while the job waited in line: stop the job too
+            self.abandon()
+            raise
         final = self._buffer[-1]
         if final["type"] == "error" and not any(e["type"] == "token" for e in self._buffer):
             await self.settled.wait()

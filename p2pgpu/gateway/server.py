@@ -46,9 +46,10 @@ class Gateway:
     """The gateway's state: the node's view, the spending budget, the
     nursery its jobs' pumps run in (set by ``serve_gateway``), and the app."""
 
-    def __init__(self, view: NodeView, token: str, config: GatewayConfig = GatewayConfig(),
+    def __init__(self, view: NodeView, token: str, me: str, config: GatewayConfig = GatewayConfig(),
                  now_ms: Callable[[], int] | None = None) -> None:
-        self.view, self.config = view, config
+        """``me``: this node's peer id (its own offer is not a candidate)."""
+        self.view, self.config, self.me = view, config, me
         self.budget = SpendingBudget(SpendingLimits(config.limit_request, config.limit_hour))
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
         self.token_digest = hashlib.sha256(token.encode()).digest() if config.token else None
@@ -57,7 +58,7 @@ class Gateway:
     # ------------------------------------------------------------ shared by both surfaces
 
     def models(self) -> list[NetworkModel]:
-        return network_models(self.view)
+        return network_models(self.view, self.me)
 
     def require_model(self, name: str) -> NetworkModel:
         """The network's ``name``, or a 404 that lists what it offers."""
@@ -74,7 +75,7 @@ class Gateway:
         assert self.nursery is not None, "the gateway is not serving"
         models = self.models()
 
-        def needed(_: int) -> int | None:
+        def needed() -> int | None:
             model = find_model(models, request.model)
             if model is None:
                 return None
