@@ -276,7 +276,10 @@ async def test_the_spending_limit_is_a_429_naming_the_limit_and_insufficient_fun
         await s.consumer.send(s.net.keys[0].peer_id, spendable - 5, "drain")
         with pytest.raises(ollama.ResponseError) as broke:
             await s.ollama().generate(MODEL, prompt="hi", options={"num_predict": 50})
-        assert broke.value.status_code == 402
+        assert broke.value.status_code == 402 and "coins" in broke.value.error
+        with pytest.raises(openai.APIStatusError) as openai_broke:
+            await s.openai().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert openai_broke.value.status_code == 402 and openai_broke.value.body["code"] == "insufficient_funds"
 
 
 @pytest.mark.parametrize("path, body, status, words", [
@@ -347,7 +350,25 @@ async def test_a_client_that_disconnects_mid_stream_pays_only_for_the_tokens_del
             earned = after[provider] - before[provider]
             assert paid == earned == record["cost"] > 0
         prices = Prices(s.net.config(0, (), "x").price_in, s.net.config(0, (), "x").price_out)
-        assert record["cost"] <= job_cost(prices, record["tokens_in"] or 0, record["tokens_out"])
+        assert record["cost"] == job_cost(prices, record["tokens_in"] or 0, record["tokens_out"])
+
+
+async def test_the_openai_client_closing_its_stream_cancels_the_job(tmp_path):
+    async with network(tmp_path, tokens_per_second=40) as s:
+        stream = await s.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "a long one"}], max_tokens=400, stream=True)
+        received = 0
+        async for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if received == 5:
+                break
+        await stream.close()
+        await s.standins[0].wait_until(lambda: s.standins[0].cancelled_generations == 1)
+        (job,) = s.consumer.jobs("consumer", 10)
+        await wait_until(lambda: s.consumer.job(job["id"])["status"] == "cancelled", timeout=TIMEOUT)
+        record = s.consumer.job(job["id"])
+        assert 5 <= record["tokens_out"] < 400 and record["cost"] > 0
+        await wait_until(s.settled, timeout=TIMEOUT)
 
 
 async def test_a_provider_killed_mid_stream_and_the_clients_stream_still_completes_paid_once(tmp_path):
@@ -478,6 +499,32 @@ async def test_thinking_and_sampling_options_reach_the_provider_and_come_back(tm
         with pytest.raises(openai.APIStatusError, match="think value"):  # levels are gpt-oss's: the provider says so
             await s.openai().chat.completions.create(model=thinker, messages=messages, max_tokens=20,
                                                      reasoning_effort="high")
+
+
+PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+async def test_images_reach_a_vision_model_on_both_surfaces_and_an_oversized_one_is_refused(tmp_path):
+    vision = "llava:7b"
+    async with network(tmp_path, models=(vision,)) as s:
+        generated = await s.ollama().generate(vision, prompt="what is this?", images=[PIXEL, PIXEL],
+                                              options={"num_predict": 12})
+        expected = expected_completion(vision, "what is this?", num_predict=12, images=[PIXEL, PIXEL])
+        assert generated.response == expected.text and generated.response.startswith("I see 2 images")
+        messages = [{"role": "user", "content": "and this?", "images": [PIXEL]}]
+        chat = await s.ollama().chat(vision, messages=messages, options={"num_predict": 12})
+        assert chat.message.content == expected_completion(vision, messages, num_predict=12).text
+
+        seen = await s.openai().chat.completions.create(model=vision, max_tokens=12, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "and this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PIXEL}"}}]}])
+        assert seen.choices[0].message.content == chat.message.content  # the same request in OpenAI's shape
+        (sent,) = [r.body for r in s.standins[0].requests if r.path == "/api/chat"][-1:]
+        assert sent["messages"][-1]["images"] == [PIXEL]
+
+        with pytest.raises(ollama.ResponseError) as too_big:
+            await s.ollama().generate(vision, prompt="x", images=["A" * (300 * 1024)])
+        assert too_big.value.status_code == 400 and "image" in too_big.value.error
 
 
 async def test_embeddings_on_both_surfaces_are_the_providers_vectors(tmp_path):
