@@ -848,6 +848,8 @@ def status(settings: Settings) -> None:
         ("version", _safe(info.get("version"))),
         ("uptime", _duration(info.get("uptime_s"))),
         ("listening on", ", ".join(map(_safe, addrs)) or "nothing"),
+        # where Ollama and OpenAI clients point (README "Using the network from your tools")
+        ("gateway", _safe(info.get("gateway")) + " (Ollama API; OpenAI under /v1)" if info.get("gateway") else "off"),
         ("peers", f"{_safe(info.get('peers'))} connected"),
         ("offers seen", _safe(info.get("offers_seen"))),
         ("balance", _coins(info.get("balance"))),

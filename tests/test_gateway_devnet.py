@@ -12,6 +12,10 @@ the model gives, and the dead provider is paid nothing.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import ollama
 import openai
 import pytest
@@ -22,6 +26,7 @@ from p2pgpu.testing.waiting import poll_until
 
 MODEL = "llama3.2:1b"
 MAX_TOKENS = 40
+P2PGPU = Path(sys.executable).with_name("p2pgpu")
 
 
 @pytest.mark.slow
@@ -35,6 +40,9 @@ def test_a_provider_process_killed_mid_stream_and_the_gateway_stream_still_compl
         poll_until(lambda: len(api.offers(MODEL)) == 2, 60, what="both providers' offers at the consumer")
         url = poll_until(consumer.gateway_url, 30, what="the consumer's gateway address")
         assert api.status()["gateway"] == url
+        shown = subprocess.run([str(P2PGPU), "--data-dir", str(consumer.data_dir), "status"], capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0 and f"{url} (Ollama API; OpenAI under /v1)" in shown.stdout, shown.stdout
         token = (consumer.data_dir / "api.token").read_text().strip()
 
         models = openai.OpenAI(base_url=url + "/v1", api_key=token, max_retries=0).models.list()
