@@ -535,10 +535,12 @@ async def test_embeddings_on_both_surfaces_are_the_providers_vectors(tmp_path):
             assert got == pytest.approx(expected_embedding(EMBED, text), abs=1e-6)
         assert answer.prompt_eval_count > 0
         assert "embedding" in (await s.ollama().show(EMBED)).capabilities
+        legacy = await s.ollama().embeddings(EMBED, prompt="first text")  # the deprecated /api/embeddings
+        assert list(legacy.embedding) == pytest.approx(expected_embedding(EMBED, "first text"), abs=1e-6)
 
         vectors = await s.openai().embeddings.create(model=EMBED, input=["first text"], dimensions=256)
         assert len(vectors.data) == 1 and len(vectors.data[0].embedding) == 256
         assert vectors.data[0].embedding == pytest.approx(expected_embedding(EMBED, "first text", 256), abs=1e-6)
         assert vectors.usage.prompt_tokens > 0
         jobs = s.consumer.jobs("consumer", 10)
-        assert all(j["status"] == "completed" and j["cost"] > 0 for j in jobs) and len(jobs) == 2
+        assert all(j["status"] == "completed" and j["cost"] > 0 for j in jobs) and len(jobs) == 3

@@ -19,6 +19,8 @@ a paid network job is not a local model:
 - The final object carries ``p2pgpu``: the job id, who served it (every
   provider, when one failed and the next continued) and what it cost; the
   response headers say the same (``X-P2PGPU-*``).
+- ``/api/embeddings`` (deprecated, one prompt) is served too, by the same
+  embedding job as ``/api/embed``.
 - Model management (pull, push, create, copy, delete, blobs) is answered
   501: models come from the providers.
 - ``suffix``, ``template``, ``raw``, ``context`` and ``logprobs`` are
@@ -376,18 +378,32 @@ class _Handlers:
                            else "application/json; charset=utf-8", stream=stream, error=error_response)
 
     async def embed(self, request: Request) -> Response:
+        return await self._embedding(request, legacy=False)
+
+    async def embeddings(self, request: Request) -> Response:
+        """The deprecated ``/api/embeddings`` (one ``prompt``, one
+        ``embedding``), which the ``ollama`` client's ``embeddings`` still
+        calls. Served by the same embedding job; the vector is the
+        provider's ``/api/embed`` one (normalised)."""
+        return await self._embedding(request, legacy=True)
+
+    async def _embedding(self, request: Request, *, legacy: bool) -> Response:
         started = time.monotonic_ns()
         body = await read_json(request)
         if not isinstance(body, dict):
             raise _bad("request body must be a JSON object")
         name = _model_name(body)
-        raw = body.get("input")
-        inputs = [raw] if isinstance(raw, str) else raw
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
-            raise _bad("input must be a string or a non-empty list of strings")
-        truncate, dimensions = body.get("truncate"), body.get("dimensions")
+        if legacy:
+            if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+                raise _bad("prompt must be a non-empty string")
+            inputs = [body["prompt"]]
+        else:
+            raw = body.get("input")
+            inputs = [raw] if isinstance(raw, str) else raw
+            if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+                raise _bad("input must be a string or a non-empty list of strings")
         try:
-            params = JobParams(truncate=truncate if truncate is not None else None, dimensions=dimensions)
+            params = JobParams(truncate=body.get("truncate"), dimensions=body.get("dimensions"))
         except MalformedInput as exc:
             raise _bad(str(exc)) from None
         self.gateway.require_model(name)
@@ -403,6 +419,10 @@ class _Handlers:
                 elif event["type"] == "error":
                     raise error_of_event(event)
             await job.settled.wait()
+            if legacy:
+                yield json.dumps({"embedding": output.embeddings[0] if output.embeddings else [],
+                                  "p2pgpu": job_summary(job)}).encode()
+                return
             done = job.final or {}
             yield json.dumps({
                 "model": name, "embeddings": output.embeddings,
@@ -449,6 +469,7 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/chat", _endpoint(h.chat), methods=["POST"]),
         Route("/api/generate", _endpoint(h.generate), methods=["POST"]),
         Route("/api/embed", _endpoint(h.embed), methods=["POST"]),
+        Route("/api/embeddings", _endpoint(h.embeddings), methods=["POST"]),
         *[Route(path, _endpoint(h.unsupported), methods=["POST", "DELETE", "HEAD", "GET"])
           for path in ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/{digest}")],
     ]
