@@ -15,6 +15,7 @@ float ever touches money)::
     price_in        = "0.5"                   # coins per million input tokens
     price_out       = "1.5"                   # coins per million output tokens
     slots           = 1                       # jobs run at once = slots advertised
+    max_credit_window = 32                    # tokens streamed ahead of a consumer's vouchers, at most
     offer_cpu       = false                   # offer CPU inference when no GPU is found
     api_port        = 0                       # local API on 127.0.0.1; 0 picks a free port
     heartbeat_s     = 10
@@ -102,6 +103,7 @@ class NodeConfig:
     price_in: int = 500_000  # base units per million input tokens (0.5 coin)
     price_out: int = 1_500_000  # base units per million output tokens (1.5 coins)
     slots: int = 1
+    max_credit_window: int = 32  # p2pgpu.core.trust.DEFAULT_MAX_CREDIT_WINDOW
     offer_cpu: bool = False
     api_port: int = 0
     heartbeat_s: float = 10.0
@@ -117,6 +119,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.slots <= 1024:
             raise ConfigError(f"slots must be between 1 and 1024, not {self.slots}")
+        if not 1 <= self.max_credit_window <= 4096:
+            raise ConfigError(f"max_credit_window must be between 1 and 4096 tokens, not {self.max_credit_window}")
         if not 0 <= self.api_port <= 65535:
             raise ConfigError(f"api_port must be a TCP port, not {self.api_port}")
         if not 0.05 <= self.heartbeat_s <= 3600:
@@ -175,7 +179,7 @@ def _convert(name: str, value: Any) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"expected true or false, got {value!r}")
-        if name in ("slots", "api_port"):
+        if name in ("slots", "api_port", "max_credit_window"):
             if isinstance(value, bool):
                 raise ValueError("expected an integer")
             return int(value)

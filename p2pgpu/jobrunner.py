@@ -42,8 +42,9 @@ from typing import Any
 
 import trio
 
-from p2pgpu.core.identity import NodeKey, public_key_from_peer_id
+from p2pgpu.core.identity import NodeKey, peer_id_from_public_key, public_key_from_peer_id
 from p2pgpu.core.jobparams import JobParams
+from p2pgpu.core.trust import DEFAULT_MAX_CREDIT_WINDOW, Debtors
 from p2pgpu.core.jobs import (
     CONTENT,
     EMBEDDING,
@@ -82,7 +83,7 @@ from p2pgpu.core.jobs import (
 )
 from p2pgpu.core.ledger import ApplyResult, Ledger
 from p2pgpu.core.offers import normalize_model_name
-from p2pgpu.core.protocols import JOB_PROTOCOL
+from p2pgpu.core.protocols import JOB_PROTOCOL, LEDGER_SYNC_PROTOCOL
 from p2pgpu.core.settlement import OpenHold, ReleaseState
 from p2pgpu.core.units import format_coins
 from p2pgpu.errors import ExecutionFailed, MalformedInput, P2PGPUError
@@ -91,6 +92,7 @@ from p2pgpu.executor import (
 )
 from p2pgpu.holds import Holds
 from p2pgpu.net import FrameStream, P2PHost
+from p2pgpu.net.peerlog import PeerLog, Trouble
 from p2pgpu.replication import LedgerReplicator
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ NowMs = Callable[[], int]
 OnTokens = Callable[[str, int, int], None]  # (text, count, channel) as each TOKENS frame is delivered
 SettleHold = Callable[[OpenHold], Awaitable[ReleaseState]]  # ``Holds.job_ended``: report a job's end, get its hold's state
 DEFAULT_HOLD_MS = 300_000
-DEFAULT_CREDIT_WINDOW = 32
+DEFAULT_CREDIT_WINDOW = DEFAULT_MAX_CREDIT_WINDOW  # what consumers ask for: what default providers give
 REQUEST_CONTEXT_WINDOW_MS = 10_000  # entries older than this have long been announced
 HOLD_CHAIN_FETCH_S = 5.0  # longest a provider spends fetching a consumer's entries before a hold
 
@@ -173,7 +175,8 @@ class _Edge:
                 try:
                     await self.stream.send_frame(data)
                 except (P2PGPUError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("job stream with %s: send failed: %s", self.stream.remote_peer_id, exc)
+                    # Per frame detail: the job's end is logged once, through the peer log.
+                    log.debug("job stream with %s: send failed: %s", self.stream.remote_peer_id, exc)
                     if self.failure is None:
                         self.failure = exc
                     self._apply(self.session.connection_lost(self.now_ms()))
@@ -206,7 +209,9 @@ class _Edge:
                     return
                 self._apply(self.session.receive(data, self.now_ms()))
             except (P2PGPUError, trio.BrokenResourceError) as exc:
-                log.info("job stream with %s: %s", self.stream.remote_peer_id, exc)
+                # Raised on: the host's handler wrapper (provider) or the
+                # consumer's run logs it once, through the peer log.
+                log.debug("job stream with %s: %s", self.stream.remote_peer_id, exc)
                 self._apply(self.session.connection_lost(self.now_ms()))
                 raise
 
@@ -309,7 +314,10 @@ class _ProviderJob(_Edge):
             return  # cancelled while we decided
         now = self.now_ms()
         if code is not None:
-            log.info("job %s: rejecting: %s", request.job_id.hex()[:8], text)
+            # Per consumer and rate-limited: a peer sending request after
+            # request we refuse must not flood the log.
+            self.service.host.peer_log.note(log, self.stream.remote_peer_id, JOB_PROTOCOL, Trouble.REJECTED,
+                                            f"job {request.job_id.hex()[:8]}: rejecting: {text}")
             self.outcome, self.rejected = f"rejected: {text}", True
             self._apply(self.session.reject(now, code, text))
             return
@@ -465,6 +473,7 @@ class _ProviderJob(_Edge):
         finally:
             self.stop_scope.cancel()
             self._free_slot()
+            self.service.job_ended(self.session)
 
 
 class ProviderService:
@@ -495,8 +504,15 @@ class ProviderService:
                  on_slots_changed: Callable[[], None] | None = None,
                  on_job: Callable[[Any], None] | None = None,
                  keep_voucher: Callable[[JobRequest, Any], Awaitable[None]] | None = None,
-                 forget_voucher: Callable[[bytes], None] | None = None) -> None:
+                 forget_voucher: Callable[[bytes], None] | None = None,
+                 max_credit_window: int = DEFAULT_MAX_CREDIT_WINDOW, debtors: Debtors | None = None) -> None:
+        """``max_credit_window``: the most tokens we stream ahead of a
+        consumer's vouchers (a request asking for more is refused);
+        ``debtors``: consumers that left tokens unpaid here, refused from
+        then on (``p2pgpu.core.trust``)."""
         self.host, self.replicator, self.ledger, self.key = host, replicator, ledger, key
+        self.max_credit_window = max_credit_window
+        self.debtors = Debtors() if debtors is None else debtors
         self.on_job = on_job
         self.keep_voucher = keep_voucher
         self.forget_voucher = forget_voucher
@@ -547,6 +563,16 @@ class ProviderService:
             except Exception:  # noqa: BLE001 - bookkeeping must not break a job
                 log.exception("on_job callback failed")
 
+    def job_ended(self, session: ProviderSession) -> None:
+        """A job of ours is over: a consumer that left tokens unpaid (it
+        stopped paying, or vanished mid-stream) is remembered and refused
+        from now on, so it costs us one credit window at most, once."""
+        unpaid = session.unpaid_tokens
+        if unpaid > 0 and session.request is not None:
+            self.debtors.record(session.request.consumer, unpaid)
+            log.info("job %s: consumer %s left %d token(s) unpaid; its requests are refused from now on",
+                     session.job_id.hex()[:8], peer_id_from_public_key(session.request.consumer)[:20], unpaid)
+
     async def _serve(self, stream: FrameStream) -> None:
         job = _ProviderJob(self, stream)
         try:
@@ -571,7 +597,9 @@ class ProviderService:
         except ExecutionFailed as exc:
             self.backend_failed(exc)
             return R_OTHER, f"backend unavailable: {exc}"[:200]
-        refusal = admission_refusal(request, served_models=served, prices=self.prices, active=self.active, slots=self.slots)
+        refusal = admission_refusal(request, served_models=served, prices=self.prices, active=self.active,
+                                    slots=self.slots, max_credit_window=self.max_credit_window,
+                                    debt=self.debtors.refusal(request.consumer))
         if refusal is not None:
             return refusal
         results = await self.replicator.offer([*context, request.hold.wire], durable=False)
@@ -593,7 +621,8 @@ class ProviderService:
             try:
                 await self.replicator.fetch_from(consumer_peer, [waiting.missing], follow_up=True)  # type: ignore[list-item]
             except P2PGPUError as exc:
-                log.info("job %s: fetching the consumer's chain failed: %s", request.job_id.hex()[:8], exc)
+                self.host.peer_log.failed(log, consumer_peer, LEDGER_SYNC_PROTOCOL, exc,
+                                          what=f"job {request.job_id.hex()[:8]}: fetching the consumer's chain")
         if self.ledger.has_entry(request.hold_id):
             return ApplyResult("applied", request.hold_id)
         return waiting
@@ -657,8 +686,9 @@ class JobResult:
 
 class _ConsumerJob(_Edge):
     def __init__(self, session: ConsumerSession, stream: FrameStream, now_ms: NowMs,
-                 on_tokens: OnTokens | None) -> None:
+                 on_tokens: OnTokens | None, peer_log: PeerLog | None = None) -> None:
         super().__init__(stream, now_ms)
+        self.peer_log = peer_log
         self.session = session
         self.on_tokens = on_tokens
         self.chunks: list[str] = []
@@ -711,7 +741,11 @@ class _ConsumerJob(_Edge):
         try:
             await self._drive(None if cancel is None else lambda n: n.start_soon(self._watch_cancel, cancel))
         except (P2PGPUError, trio.BrokenResourceError) as exc:
-            log.info("job %s: stream ended badly: %s", self.session.job_id.hex()[:8], exc)
+            if self.peer_log is None:
+                log.info("job %s: stream ended badly: %s", self.session.job_id.hex()[:8], exc)
+            else:  # the provider's doing: one line per provider and kind, not one per job
+                self.peer_log.failed(log, self.stream.remote_peer_id, JOB_PROTOCOL, exc,
+                                     what=f"job {self.session.job_id.hex()[:8]}: stream ended badly")
             with trio.CancelScope(shield=True):
                 await self.stream.reset()
         else:
@@ -808,7 +842,7 @@ async def run_job(
         raise
     session = ConsumerSession(key, network_id, signed, body, config,
                               context=_chain_context(ledger, key.public_key, hold, now))
-    job = _ConsumerJob(session, stream, now_ms, on_tokens)
+    job = _ConsumerJob(session, stream, now_ms, on_tokens, host.peer_log)
     await job.run(cancel)
 
     outcome = job.outcome

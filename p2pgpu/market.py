@@ -39,7 +39,9 @@ from p2pgpu.core.genesis import Genesis
 from p2pgpu.core.hardware import HardwareReport
 from p2pgpu.core.heartbeat import HeartbeatConfig, book_max_ttl_ms, next_beat_at, offer_refusal, plan_beat, slots_free
 from p2pgpu.core.identity import NodeKey, peer_id_from_public_key
-from p2pgpu.core.offers import ModelOffer, OfferBook, make_offer, make_withdrawal, next_seq, normalize_model_name
+from p2pgpu.core.offers import (
+    ModelOffer, OfferBook, StaleOffer, make_offer, make_withdrawal, next_seq, normalize_model_name,
+)
 from p2pgpu.core.protocols import offers_topic
 from p2pgpu.core.units import format_coins
 from p2pgpu.errors import ExecutionFailed, P2PGPUError
@@ -129,8 +131,14 @@ class Market:
             try:
                 self.book.check(data, self.now_ms())
                 return True
-            except P2PGPUError as exc:
+            except StaleOffer as exc:  # a race or a replay: honest peers send these too
                 log.debug("offer from %s refused: %s", from_peer, exc)
+                return False
+            except P2PGPUError as exc:
+                if from_peer == host.peer_id:  # our own: publish raises PublishRejected for it
+                    log.debug("our own offer refused: %s", exc)
+                else:
+                    host.peer_log.failed(log, from_peer, self._topic, exc)
                 return False
 
         host.set_topic_validator(self._topic, validate)

@@ -173,6 +173,7 @@ class Node:
                             on_slots_changed=self.market.beat_soon,
                             on_job=self._on_provider_job,
                             keep_voucher=self.kept_vouchers.keep, forget_voucher=self.kept_vouchers.forget,
+                            max_credit_window=config.max_credit_window,
                         )
                         self.market.serving = self.provider_service
                         self.provider_service.start()
@@ -258,6 +259,7 @@ class Node:
             "state_hash": self.ledger.state_hash().hex(),
             "frozen": [peer_id_from_public_key(pk) for pk in self.ledger.frozen()],
             "replication": self.replicator.stats() if self.replicator else {},
+            "peer_trouble": self.host.peer_log.stats(),  # what peers did wrong, counted (p2pgpu.net.peerlog)
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "gateway": (gateway_url(self.config.gateway().address()[0], self.gateway_port)
                         if self.gateway_port is not None else None),

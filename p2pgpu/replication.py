@@ -125,11 +125,14 @@ from p2pgpu.core.sync import (
 )
 from p2pgpu.errors import BadSignature, ConfigError, MalformedInput, P2PGPUError, Truncated
 from p2pgpu.net import FrameStream, GossipMessage, P2PHost, PublishRejected
+from p2pgpu.net.peerlog import Trouble, refine
 from p2pgpu.verify import ThreadedVerifier
 
 __all__ = ["LedgerReplicator", "SyncStats"]
 
 logger = logging.getLogger(__name__)
+
+refine(SyncTimeout, Trouble.TIMEOUT)
 
 _COUNTED_AS = {Source.LOCAL: "applied_local", Source.OFFERED: "applied_offered", Source.GOSSIP: "applied_gossip",
                Source.SYNC: "applied_sync", Source.TICK: "applied_tick"}
@@ -495,7 +498,7 @@ class LedgerReplicator:
             entries = self._check_announcement(data)
         except P2PGPUError as exc:
             self._counters["gossip_rejected"] += 1
-            logger.debug("refused an announcement from %s: %s: %s", origin, type(exc).__name__, exc)
+            self.host.peer_log.failed(logger, origin, self.topic, exc)
             return False
         if origin != self.host.peer_id:
             self._validated[data] = entries
@@ -524,8 +527,9 @@ class LedgerReplicator:
             try:
                 result = self.ledger.offer_entry(entry, now, verified=True)
             except P2PGPUError as exc:
+                # Can be an honest race (time-dependent rules), so DEBUG; counted all the same.
                 self._counters["rejected"] += 1
-                logger.debug("gossiped entry %r refused: %s", entry, exc)
+                self.host.peer_log.failed(logger, message.from_peer_id, self.topic, exc, level=logging.DEBUG)
                 continue
             self._track(result, Source.GOSSIP, hint=message.from_peer_id)
         self._execute(self._policy.staged(self._clock(), Source.GOSSIP))
@@ -738,7 +742,9 @@ class LedgerReplicator:
             with trio.move_on_after(1):
                 try:
                     await stream.send_frame(encode_message(Refusal(ERR_BAD_REQUEST, str(exc))))
-                except P2PGPUError:
+                except (P2PGPUError, trio.ClosedResourceError, trio.BrokenResourceError):
+                    # Bad framing has already reset the stream: the error
+                    # the host logs must stay the peer's, not this one.
                     pass
             raise
         except BaseException:
@@ -782,7 +788,9 @@ class LedgerReplicator:
         except SyncRefused as exc:
             logger.debug("sync (%s) with %s declined: %s", reason.value, peer_id, exc)
         except P2PGPUError as exc:
-            logger.info("sync (%s) with %s failed: %s: %s", reason.value, peer_id, type(exc).__name__, exc)
+            # A peer that answers garbage, or connects again and again to
+            # get synced with, is one line, not one per session.
+            self.host.peer_log.failed(logger, peer_id, LEDGER_SYNC_PROTOCOL, exc, what=f"sync ({reason.value})")
         except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             logger.info("sync (%s) with %s failed: %r", reason.value, peer_id, exc)
         else:
@@ -793,7 +801,9 @@ class LedgerReplicator:
         """A background fetch (``FetchIds``) of what parked entries wait for."""
         try:
             stats = await self.fetch_from(peer_id, ids)
-        except (P2PGPUError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+        except P2PGPUError as exc:
+            self.host.peer_log.failed(logger, peer_id, LEDGER_SYNC_PROTOCOL, exc, what="fetch", level=logging.DEBUG)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             logger.debug("fetch from %s failed: %r", peer_id, exc)
         else:
             logger.debug("fetched %d of %d wanted entries from %s", stats.received, len(ids), peer_id)

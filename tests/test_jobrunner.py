@@ -27,6 +27,7 @@ from p2pgpu.net import GossipConfig, P2PHost, StreamAborted, open_host
 from p2pgpu.replication import LedgerReplicator
 from p2pgpu.testing.ledger import key_for, make_genesis
 from p2pgpu.testing.ollama_standin import OllamaStandin, serve_standin
+from p2pgpu.testing.nodes import run_replicator
 from p2pgpu.testing.waiting import wait_until
 
 DEADLINE = 30.0
@@ -84,22 +85,7 @@ async def _peer(stack: AsyncExitStack, nursery: trio.Nursery, name: str, ledger:
     rep_kw.setdefault("sync_interval_s", 1.0)
     rep = LedgerReplicator(host, ledger, network_id=NET, now_ms=now_ms, **rep_kw)
     stack.callback(rep.close)
-    scope = trio.CancelScope()
-    stopped = trio.Event()
-
-    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with scope:
-                await rep.run(task_status=task_status)
-        finally:
-            stopped.set()
-
-    async def stop() -> None:
-        scope.cancel()
-        await stopped.wait()
-
-    await nursery.start(run)
-    stack.push_async_callback(stop)
+    await run_replicator(stack, nursery, rep)
     return Peer(key, host, ledger, rep)
 
 

@@ -171,10 +171,10 @@ REQUEST, ACCEPT, REJECT, TOKENS, VOUCHER, CANCEL, RECEIPT, ERROR = range(1, 9)
 FRAME_NAMES = {1: "request", 2: "accept", 3: "reject", 4: "tokens", 5: "voucher", 6: "cancel", 7: "receipt", 8: "error"}
 
 # Reason codes for REJECT / CANCEL / ERROR.
-R_OTHER, R_BUSY, R_PRICE, R_MODEL, R_HOLD, R_USER, R_UNPAID, R_BACKEND, R_TIMEOUT = range(9)
+R_OTHER, R_BUSY, R_PRICE, R_MODEL, R_HOLD, R_USER, R_UNPAID, R_BACKEND, R_TIMEOUT, R_WINDOW = range(10)
 REASON_NAMES = {
     0: "other", 1: "busy", 2: "price", 3: "model", 4: "hold",
-    5: "user", 6: "unpaid", 7: "backend", 8: "timeout",
+    5: "user", 6: "unpaid", 7: "backend", 8: "timeout", 9: "window",
 }
 
 # Receipt status.
@@ -249,19 +249,28 @@ def _params_token_bound(params: JobParams) -> int:
 
 
 def admission_refusal(request: "JobRequest", *, served_models: set[str], prices: Prices,
-                      active: int, slots: int) -> tuple[int, str] | None:
+                      active: int, slots: int, max_credit_window: int = MAX_JOB_TOKENS,
+                      debt: str | None = None) -> tuple[int, str] | None:
     """Why a provider must refuse ``request`` before touching its ledger:
     (reason code, text), or None when it may go on to check the hold.
 
     The checks a provider makes from its own state alone: the model is
-    served, the request pays at least the advertised prices, and a slot is
-    free (advertised slots are real: that is the node's admission control).
+    served, the request pays at least the advertised prices, it asks for no
+    more credit than we give (``max_credit_window``), its consumer owes us
+    nothing (``debt``: why it does, ``p2pgpu.core.trust.Debtors``), and a
+    slot is free (advertised slots are real: that is the node's admission
+    control).
     """
     if request.model not in served_models:
         return R_MODEL, f"model {request.model} is not served here"
     if request.prices.price_in < prices.price_in or request.prices.price_out < prices.price_out:
         return R_PRICE, (f"prices below ours ({format_coins(prices.price_in)}/{format_coins(prices.price_out)} "
                          "coins per million tokens in/out)")
+    if request.credit_window > max_credit_window:
+        return R_WINDOW, (f"credit window of {request.credit_window} tokens exceeds ours of {max_credit_window}: "
+                          "pay with vouchers at least that often")
+    if debt is not None:
+        return R_UNPAID, debt
     if active >= slots:
         return R_BUSY, "no free slot"
     return None
@@ -1193,6 +1202,14 @@ class ProviderSession(_Machine):
                 self.deadline, self.stop_reason, self.cancelled, self._hash.digest())
 
     # --- helpers
+    @property
+    def unpaid_tokens(self) -> int:
+        """Output tokens sent beyond what the newest voucher pays for (0 when
+        paid up): what this consumer owes us if the job ends now."""
+        if self.request is None:
+            return 0
+        return max(0, self.sent - covered_tokens(self.request.prices, self.paid))
+
     @property
     def covered(self) -> int:
         """Output tokens the kept vouchers pay for: what we may send is this plus the window."""

@@ -83,6 +83,10 @@ Gossip (pitfalls 5 and 6)
 Logging (pitfall 8)
     libp2p logs benign races at ERROR; its logger is set to CRITICAL unless
     ``debug=True``. This is process-wide: the last host opened decides.
+    What peers cause (bad frames, failed handlers, refused gossip) is
+    logged through ``host.peer_log`` (``p2pgpu.net.peerlog``): one line per
+    peer and kind of trouble, repeats counted and summarised once a window,
+    never a traceback; tracebacks are for our own bugs, rate-limited too.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ from p2pgpu.core.framing import FrameDecoder, encode_frame
 from p2pgpu.core.identity import NodeKey
 from p2pgpu.core.protocols import MAX_FRAME, MAX_GOSSIP_MESSAGE
 from p2pgpu.errors import AddressInUse, ConfigError, MalformedInput, Oversized, P2PGPUError, PeerMisbehaved
+from p2pgpu.net.peerlog import PeerLog, Trouble, refine, trouble_of
 
 __all__ = [
     "DEFAULT_LISTEN_ADDRS",
@@ -192,6 +197,11 @@ class PeerUnreachable(PeerMisbehaved):
 
 class PublishRejected(MalformedInput):
     """Our own gossip message failed the topic's validator, so it was not sent."""
+
+
+refine(StreamAborted, Trouble.RESET)
+refine(ProtocolNotSupported, Trouble.REFUSED_PROTOCOL)
+refine(PeerUnreachable, Trouble.UNREACHABLE)
 
 
 # --- configuration -----------------------------------------------------------
@@ -574,9 +584,10 @@ def _content_msg_id(msg: Any) -> bytes:
 class _Pubsub(Pubsub):
     """Pubsub with our delivery path and a guard around message handling."""
 
-    def __init__(self, *args: Any, deliver: Callable[[Any], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, deliver: Callable[[Any], None], peer_log: PeerLog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._p2pgpu_deliver = deliver
+        self._p2pgpu_peer_log = peer_log
 
     def notify_subscriptions(self, publish_message: Any) -> None:
         # Replaces the library's per-topic channel of 32 (dropped silently).
@@ -589,7 +600,9 @@ class _Pubsub(Pubsub):
         try:
             await super().push_msg(msg_forwarder, msg)
         except Exception as exc:  # noqa: BLE001 - remote input must never crash us
-            logger.info("dropped a gossip message forwarded by %s: %r", msg_forwarder, exc)
+            # Whatever the library raised, the message was the forwarder's.
+            self._p2pgpu_peer_log.note(logger, str(msg_forwarder), "gossip", Trouble.MALFORMED,
+                                       f"a message the library could not handle: {exc!r}")
 
 
 class _NoAutoConnector(AutoConnector):
@@ -793,6 +806,7 @@ class P2PHost:
         *,
         max_frame: int,
         gossip: GossipConfig | None,
+        peer_log: PeerLog | None = None,
     ) -> None:
         self._host = libp2p_host
         self._swarm = libp2p_host.get_network()
@@ -815,6 +829,10 @@ class P2PHost:
         )
         self._stats = {"delivered": 0, "rejected": 0, "rate_limited": 0, "oversized": 0,
                        "queue_full": 0}
+        # What our peers caused, logged once per (peer, trouble, protocol)
+        # and counted; every module serving peers through this host logs
+        # their misbehaviour here.
+        self.peer_log = peer_log if peer_log is not None else PeerLog()
 
     def __repr__(self) -> str:
         return f"P2PHost({self.peer_id})"
@@ -997,9 +1015,11 @@ class P2PHost:
         """Serve ``protocol_id``: ``handler(stream)`` runs for each inbound stream.
 
         The handler gets a ``FrameStream``. If it returns, the stream is
-        closed; if it raises, the stream is reset and the error logged (our
-        own errors at INFO, anything else with a traceback at WARNING), and
-        the host carries on (pitfall 3).
+        closed; if it raises, the stream is reset and the error logged in
+        ``peer_log``: what the peer caused (our own error types, framing,
+        resets) as one line per peer and kind, anything else (our bug) with
+        a traceback at WARNING, rate-limited too; and the host carries on
+        (pitfall 3).
         """
         wrapped = self._wrap_handler(protocol_id, handler)
         self._host.set_stream_handler(TProtocol(protocol_id), wrapped)
@@ -1019,24 +1039,19 @@ class P2PHost:
         self, protocol_id: str, handler: StreamHandler
     ) -> Callable[[Any], Awaitable[None]]:
         max_frame = self._max_frame
+        peer_log = self.peer_log
 
         async def run_handler(net_stream: Any) -> None:
             try:
                 stream = FrameStream(net_stream, max_frame)
             except Exception as exc:  # noqa: BLE001
-                logger.info("could not wrap an inbound %s stream: %r", protocol_id, exc)
+                peer_log.bug(logger, protocol_id, exc, f"could not wrap an inbound {protocol_id} stream")
                 await _best_effort_reset(net_stream)
                 return
             try:
                 await handler(stream)
-            except StreamAborted as exc:
-                logger.debug("%r aborted: %s", stream, exc)
-                await stream.reset()
-            except P2PGPUError as exc:
-                logger.info("%r failed: %s: %s", stream, type(exc).__name__, exc)
-                await stream.reset()
-            except Exception:
-                logger.warning("handler for %r raised; stream reset", stream, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the peer's doing or our bug: peer_log tells which
+                peer_log.failed(logger, stream.remote_peer_id, protocol_id, exc)
                 await stream.reset()
             else:
                 await stream.close()
@@ -1168,15 +1183,15 @@ class P2PHost:
             # Before the validator on purpose: a flood must not buy itself
             # signature checks.
             self._stats["rate_limited"] += 1
-            logger.debug("rate limit: dropped a message from %s on %s", origin, topic)
+            self.peer_log.note(logger, origin, topic, Trouble.RATE_LIMITED, "message dropped")
             return False
         validator = self._validators.get(topic)
         if validator is None:
             return True
         try:
             ok = bool(validator(origin, bytes(data)))
-        except Exception:
-            logger.warning("validator for %s raised; message dropped", topic, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - a validator that raises drops the message
+            self.peer_log.failed(logger, origin, topic, exc)
             ok = False
         if not ok:
             self._stats["rejected"] += 1
@@ -1336,7 +1351,7 @@ def _key_pair(node_key: NodeKey) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
-def _guard_pubsub_handler(pubsub: Pubsub) -> Callable[[Any], Awaitable[None]]:
+def _guard_pubsub_handler(pubsub: Pubsub, peer_log: PeerLog, protocol_id: str) -> Callable[[Any], Awaitable[None]]:
     """Pitfall 3 for the handlers the library registers for gossipsub."""
 
     async def guarded(net_stream: Any) -> None:
@@ -1344,7 +1359,11 @@ def _guard_pubsub_handler(pubsub: Pubsub) -> Callable[[Any], Awaitable[None]]:
             await pubsub.stream_handler(net_stream)
         except Exception as exc:  # noqa: BLE001 - remote input must never crash us
             peer = getattr(getattr(net_stream, "muxed_conn", None), "peer_id", None)
-            logger.info("gossip stream from %s failed: %r", peer, exc)
+            # The library's own exceptions (protobuf's DecodeError...): the
+            # peer's bytes all the same, so one line, never a traceback.
+            trouble = trouble_of(exc) or Trouble.MALFORMED
+            peer_log.note(logger, None if peer is None else str(peer), protocol_id, trouble,
+                          f"{type(exc).__name__}: {exc}")
             await _best_effort_reset(net_stream)
             if peer is not None:
                 try:
@@ -1364,6 +1383,7 @@ async def open_host(
     bootstrap: BootstrapConfig | Iterable[str] | None = None,
     max_frame: int = MAX_FRAME,
     debug: bool = False,
+    peer_log: PeerLog | None = None,
 ) -> AsyncIterator[P2PHost]:
     """Run a libp2p host for ``node_key`` for the duration of the block.
 
@@ -1373,6 +1393,8 @@ async def open_host(
     connected. Its background tasks live in a nursery inside this block, so
     they stop with it; on the way out it closes the libp2p host before leaving
     ``host.run()`` (pitfall 4), so the listening port is released.
+    ``peer_log``: where what peers cause is logged (``host.peer_log``; a
+    default ``PeerLog`` if not given; tests pass one with their own clock).
     """
     _quiet_libp2p_logs(debug)
     maddrs = [_parse_listen_addr(a) for a in listen_addrs]
@@ -1406,7 +1428,7 @@ async def open_host(
     swarm.auto_connector = _NoAutoConnector(
         swarm, auto_connect_interval=swarm.connection_config.auto_connect_interval
     )
-    host = P2PHost(libp2p_host, node_key, max_frame=max_frame, gossip=gossip)
+    host = P2PHost(libp2p_host, node_key, max_frame=max_frame, gossip=gossip, peer_log=peer_log)
     swarm.register_notifee(_ConnectionNotifee(host))
 
     # Our nursery and libp2p's own (host.run, its services) each wrap an
@@ -1590,6 +1612,7 @@ async def _run_host(
                         libp2p_host,
                         router,
                         deliver=host._deliver,
+                        peer_log=host.peer_log,
                         strict_signing=True,
                         msg_id_constructor=_content_msg_id,
                         seen_ttl=gossip.seen_ttl,
@@ -1597,12 +1620,14 @@ async def _run_host(
                     pubsub.validation_cache = _NoValidationCache()
                     pubsub.peer_queues = _SizedQueues(gossip.outbound_queue)
                     for proto in router.get_protocols():
-                        libp2p_host.set_stream_handler(proto, _guard_pubsub_handler(pubsub))
+                        guarded = _guard_pubsub_handler(pubsub, host.peer_log, str(proto))
+                        libp2p_host.set_stream_handler(proto, guarded)
                     await services.enter_async_context(background_trio_service(pubsub))
                     await services.enter_async_context(background_trio_service(router))
                     await pubsub.wait_until_ready()
                     host._pubsub, host._router = pubsub, router
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(host.peer_log.run)
                     if bootstrap is not None:
                         host._start_bootstrap(nursery, bootstrap)
                     logger.info("host %s listening on %s", host.peer_id, host.listen_addrs())
@@ -1615,6 +1640,7 @@ async def _run_host(
         finally:
             host._closing = True
             host._end_subscriptions()
+            host.peer_log.flush(final=True)
             # Shielded, but bounded: close() must run even when we are being
             # cancelled, or the listener stays open (pitfall 4).
             with trio.move_on_after(5) as scope:

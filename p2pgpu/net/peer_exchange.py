@@ -94,7 +94,9 @@ class PeerExchange:
                 return
             offered = decode_reply(reply)
         except P2PGPUError as exc:
-            log.debug("peer exchange with %s failed: %s", peer_id, exc)
+            # A reply that does not decode is the peer's: one line per peer
+            # and kind (resets and refusals stay at DEBUG).
+            self.host.peer_log.failed(log, peer_id, PEERS_PROTOCOL, exc, what="peer exchange")
             return
         connected = set(self.host.peers())
         want = self.target - len(connected)

@@ -13,6 +13,7 @@ separate OS processes is ``p2pgpu.testing.devnet``.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import trio
@@ -146,3 +147,25 @@ def settled(nodes: list[Node]) -> bool:
     """One ledger state on every node and nothing held by anyone."""
     return len({n.ledger.state_hash() for n in nodes}) == 1 and all(
         n.ledger.account(m.key.public_key).held == 0 for n in nodes for m in nodes)
+
+
+async def run_replicator(stack: AsyncExitStack, nursery: trio.Nursery, replicator) -> None:
+    """Run ``replicator`` (a ``LedgerReplicator``) in ``nursery`` until
+    ``stack`` closes, then stop it and wait until it has: for tests that
+    build hosts and replicators by hand rather than whole nodes."""
+    scope = trio.CancelScope()
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with scope:
+                await replicator.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    async def stop() -> None:
+        scope.cancel()
+        await stopped.wait()
+
+    await nursery.start(run)
+    stack.push_async_callback(stop)
