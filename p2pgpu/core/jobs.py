@@ -90,6 +90,10 @@ Design choices, and why
   executor still calls ``finished`` (Ollama reports whatever counts it has);
   P then signs a receipt for the tokens it *sent* (buffered ones are
   dropped), so cancel from either side pays exactly the delivered tokens.
+  After a CANCEL the consumer sends no streaming voucher, and takes no
+  TOKENS frame that starts past what could be in flight: after ours, one
+  credit window past our vouchers; after the provider's, none at all. A
+  provider that streams on regardless is a protocol violation, not paid.
 - **Deadlines** (consumer): first token (covers accept as well), stalled
   stream, and receipt after a cancel; each ends in ``Failed``. Provider:
   pause grace and settle (waiting for the final voucher; on expiry it claims
@@ -911,6 +915,7 @@ class ConsumerSession(_Machine):
         self.deadline: int | None = None
         self.cancel_reason: str | None = None
         self._retry_after_cancel = False
+        self.closing_limit: int | None = None  # once CLOSING: no TOKENS frame may start at or past this many tokens
 
     # --- inputs
     def start(self, now_ms: int) -> list[Action]:
@@ -940,9 +945,16 @@ class ConsumerSession(_Machine):
     def snapshot(self) -> tuple:
         """Everything that changes, for tests that check a refused input changed nothing."""
         return (self.state, self.received, self.next_seq, self.paid, self.paid_tokens,
-                self._hash.digest(), self.deadline, self.cancel_reason)
+                self._hash.digest(), self.deadline, self.cancel_reason, self.closing_limit)
 
     # --- helpers
+    def _close(self, limit: int) -> None:
+        """The job is being cancelled: no more streaming vouchers, and no
+        TOKENS frame may start at or past ``limit`` output tokens (what an
+        honest provider can still have in flight), so a provider that
+        streams on after a CANCEL is caught instead of paid."""
+        self.closing_limit = limit if self.closing_limit is None else min(self.closing_limit, limit)
+
     def _voucher(self, amount: int, now_ms: int) -> list[Action]:
         if amount <= self.paid:
             return []
@@ -989,6 +1001,8 @@ class ConsumerSession(_Machine):
         refusal = output_refusal(self.request.kind, channel, text, count)
         if refusal is not None:
             raise ProtocolViolation(f"tokens frame {seq}: {refusal}")
+        if self.closing_limit is not None and total - count >= self.closing_limit:
+            raise ProtocolViolation(f"tokens frame {seq} comes past what could be in flight when the job was cancelled")
         self.next_seq += 1
         self.received = total
         hash_output(self._hash, text, channel)
@@ -999,7 +1013,7 @@ class ConsumerSession(_Machine):
             next_state = _C.STREAMING
             self.deadline = now_ms + self.config.stall_ms
             actions.append(Deliver(text, count, channel))
-        if self.received - self.paid_tokens >= self.voucher_every:
+        if next_state is _C.STREAMING and self.received - self.paid_tokens >= self.voucher_every:
             self.paid_tokens = self.received
             actions += self._voucher(job_cost(self.prices, 0, self.received), now_ms)
         return next_state, actions
@@ -1031,6 +1045,8 @@ class ConsumerSession(_Machine):
             state, end = self._end(Failed(reason, retryable=False))
             return state, actions + end
         self.cancel_reason, self._retry_after_cancel = reason, False
+        # In flight: what P sent before our CANCEL, at most a credit window past our vouchers.
+        self._close(covered_tokens(self.prices, self.paid) + self.request.credit_window)
         self.deadline = now_ms + self.config.receipt_ms
         return _C.CLOSING, actions
 
@@ -1039,6 +1055,7 @@ class ConsumerSession(_Machine):
         if self.cancel_reason is None:
             self.cancel_reason = f"cancelled by the provider ({REASON_NAMES.get(code, code)}): {text}"
             self._retry_after_cancel = True
+        self._close(self.received)  # P sends no TOKENS after its own CANCEL
         self.deadline = now_ms + self.config.receipt_ms
         return _C.CLOSING, []
 
