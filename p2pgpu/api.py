@@ -558,7 +558,7 @@ async def _json_object(request: Request, allowed: frozenset[str], limit: int = M
         raise _Refusal(400, "expected a JSON object in the request body", "BadRequest")
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and ints beyond Python's digit limit.
         raise _Refusal(400, f"request body is not valid JSON: {exc}", "BadRequest") from None
     if not isinstance(body, dict):

@@ -105,8 +105,8 @@ class Genesis:
         """Parse and validate a genesis file's text; ``ConfigError`` on any fault."""
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"genesis is not valid JSON: {exc}") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge ints
+            raise ConfigError(f"genesis is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(raw, dict):
             raise ConfigError("genesis must be a JSON object")
         try:

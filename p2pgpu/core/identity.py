@@ -35,8 +35,16 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return base58.b58encode(_PEER_ID_PREFIX + public_key).decode("ascii")
 
 
+MAX_PEER_ID_CHARS = 64
+
+
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Inverse of ``peer_id_from_public_key``; rejects anything but ed25519 ids."""
+    # An ed25519 peer id is 52 characters; base58 decoding takes time
+    # quadratic in the length, so anything long is refused before it.
+    if not isinstance(peer_id, str) or len(peer_id) > MAX_PEER_ID_CHARS:
+        raise MalformedInput(f"not a peer id: {str(peer_id)[:60]!r} is longer than {MAX_PEER_ID_CHARS} characters"
+                             if isinstance(peer_id, str) else "a peer id must be a string")
     try:
         raw = base58.b58decode(peer_id)
     except (ValueError, TypeError) as exc:

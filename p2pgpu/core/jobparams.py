@@ -112,17 +112,29 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def _utf8_size(text: str, name: str) -> int:
+    """Bytes of ``text`` as UTF-8; a lone surrogate (JSON's ``"\\ud800"``
+    escape makes one) is not text and is refused."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        raise MalformedInput(f"{name}: holds a lone surrogate, which is not text") from None
+
+
 def parse_json_value(text: str, name: str, max_bytes: int) -> Any:
-    """Parse ``text`` as JSON within ``max_bytes`` and ``MAX_JSON_DEPTH``."""
+    """Parse ``text`` as JSON within ``max_bytes`` and ``MAX_JSON_DEPTH``;
+    strings must be text (no lone surrogates, escaped or not)."""
     if not isinstance(text, str):
         raise MalformedInput(f"{name}: expected JSON text")
-    if len(text.encode()) > max_bytes:
-        raise MalformedInput(f"{name}: {len(text.encode())} bytes of JSON exceeds {max_bytes}")
+    size = _utf8_size(text, name)
+    if size > max_bytes:
+        raise MalformedInput(f"{name}: {size} bytes of JSON exceeds {max_bytes}")
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise MalformedInput(f"{name}: not valid JSON ({str(exc)[:80]})") from None
     _check_depth(value, name)
+    _utf8_size(canonical_json(value), name)
     return value
 
 
@@ -145,8 +157,9 @@ def _json_size(value: Any, name: str, max_bytes: int) -> str:
         text = canonical_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise MalformedInput(f"{name}: not a JSON value ({str(exc)[:80]})") from None
-    if len(text.encode()) > max_bytes:
-        raise MalformedInput(f"{name}: {len(text.encode())} bytes of JSON exceeds {max_bytes}")
+    size = _utf8_size(text, name)
+    if size > max_bytes:
+        raise MalformedInput(f"{name}: {size} bytes of JSON exceeds {max_bytes}")
     _check_depth(value, name)
     return text
 
@@ -174,9 +187,12 @@ def _check_option(name: str, value: Any) -> float | int | tuple[str, ...]:
                 raise MalformedInput(f"option {name}: expected an integer, got {value}")
             value = int(value)
     else:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past a float's range
+            raise MalformedInput(f"option {name}: must be finite") from None
         if not math.isfinite(value):
             raise MalformedInput(f"option {name}: must be finite")
-        value = float(value)
     if not lo <= value <= hi:
         raise MalformedInput(f"option {name}: {value} is outside [{lo:g}, {hi:g}]")
     return value

@@ -91,8 +91,10 @@ def _options(body: dict[str, Any], default_max_tokens: int) -> tuple[int, tuple[
     num_predict = options.pop("num_predict", None)
     max_tokens = default_max_tokens
     if num_predict is not None:
-        if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)) or num_predict != int(num_predict):
+        if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)) or (
+                isinstance(num_predict, float) and not num_predict.is_integer()):  # NaN and infinities too
             raise _bad("option num_predict must be an integer")
+        num_predict = int(num_predict)
         if num_predict > 0:
             max_tokens = min(int(num_predict), MAX_TOKENS_LIMIT)
     try:
@@ -163,14 +165,17 @@ def _messages(raw: Any) -> tuple[tuple[tuple[str, str], ...], list[tuple[int, Me
         if not isinstance(message, dict):
             raise _bad(f"messages[{index}] must be an object")
         role, content = message.get("role"), message.get("content") or ""
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"messages[{index}]: role must be one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise _bad(f"messages[{index}]: content must be a string")
         pairs.append((role, content))
         try:
             calls = []
-            for call in message.get("tool_calls") or []:
+            raw_calls = message.get("tool_calls") or []
+            if not isinstance(raw_calls, list):
+                raise _bad(f"messages[{index}].tool_calls must be a list")
+            for call in raw_calls:
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict):
                     raise _bad(f"messages[{index}].tool_calls: each call needs a function")

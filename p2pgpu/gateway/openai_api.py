@@ -163,6 +163,8 @@ def _messages(raw: Any) -> tuple[tuple[tuple[str, str], ...], list[tuple[int, Me
         if not isinstance(message, dict):
             raise _bad(f"messages[{index}] must be an object", "messages")
         role = message.get("role")
+        if not isinstance(role, str):
+            raise _bad(f"messages[{index}].role must be a string", "messages")
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
@@ -170,14 +172,18 @@ def _messages(raw: Any) -> tuple[tuple[tuple[str, str], ...], list[tuple[int, Me
         text, images = _content(message.get("content"), index)
         calls = []
         try:
-            for call in message.get("tool_calls") or []:
+            raw_calls = message.get("tool_calls") or []
+            if not isinstance(raw_calls, list):
+                raise _bad(f"messages[{index}].tool_calls must be a list", "messages")
+            for call in raw_calls:
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                     raise _bad(f"messages[{index}].tool_calls: each call needs function.name", "messages")
                 calls.append(ToolCall.of(function["name"], function.get("arguments") or "{}"))
                 if isinstance(call.get("id"), str):
                     call_names[call["id"]] = function["name"]
-            tool_name = call_names.get(message.get("tool_call_id") or "") if role == "tool" else None
+            call_id = message.get("tool_call_id")
+            tool_name = call_names.get(call_id) if role == "tool" and isinstance(call_id, str) else None
             extra = MessageExtra.from_wire({
                 **({"images": images} if images else {}),
                 **({"tool_calls": [c.to_wire() for c in calls]} if calls else {}),
@@ -219,7 +225,8 @@ def _response_format(value: Any) -> Any:
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        schema = (value.get("json_schema") or {}).get("schema")
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise _bad("response_format.json_schema.schema must be a JSON schema object", "response_format")
         return schema
