@@ -177,6 +177,7 @@ def _check_option(name: str, value: Any) -> float | int | tuple[str, ...]:
         for s in stops:
             if not s or len(s) > MAX_STOP_CHARS:
                 raise MalformedInput(f"option stop: each sequence must be 1 to {MAX_STOP_CHARS} characters")
+            _utf8_size(s, "option stop")
         return tuple(stops)
     kind, lo, hi = SAMPLING_OPTIONS[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -429,11 +429,14 @@ def encode_body(kind: str, prompt: str | None, messages, params: JobParams = _NO
         field, value = "input", list(inputs)
     else:
         raise MalformedInput(f"job kind must be one of {KINDS}, not {kind!r}")
-    if params.empty and kind != "embed":
-        body = pack(value)
-    else:
-        fields = {field: value} if params.empty else {field: value, "params": params.to_json()}
-        body = pack(dict(sorted(fields.items())))
+    try:
+        if params.empty and kind != "embed":
+            body = pack(value)
+        else:
+            fields = {field: value} if params.empty else {field: value, "params": params.to_json()}
+            body = pack(dict(sorted(fields.items())))
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800" escape) is not text
+        raise MalformedInput(f"the job's {field} holds a lone surrogate, which is not text") from None
     if len(body) > MAX_BODY:
         raise MalformedInput(f"job body of {len(body)} bytes exceeds {MAX_BODY}")
     return body
