@@ -246,6 +246,10 @@ class _Edge:
 # ====================================================================== provider
 
 
+_GENERATING = (ProviderState.RUNNING, ProviderState.PAUSED, ProviderState.STOPPING)
+"""Session states in which the backend's output still goes to the consumer."""
+
+
 class _ProviderJob(_Edge):
     def __init__(self, service: ProviderService, stream: FrameStream) -> None:
         super().__init__(stream, service.now_ms)
@@ -350,7 +354,6 @@ class _ProviderJob(_Edge):
             return
         eval_count = 0
         final: Finished | None = None
-        live = (ProviderState.RUNNING, ProviderState.PAUSED, ProviderState.STOPPING)
         # Tool calls wait for the final chunk. Ollama decodes a call's tokens
         # without streaming them and hands the call over whole, so a chunk
         # count of 1 would leave most of them unpaid; the final chunk's
@@ -364,7 +367,7 @@ class _ProviderJob(_Edge):
                         if isinstance(event, Chunk):
                             if event.tokens < 1 or not event.text:
                                 continue
-                            if self.session.state not in live:
+                            if self.session.state not in _GENERATING:
                                 return
                             if eval_count + event.tokens > request.max_tokens:
                                 # One decoded token can come as two chunks (the end of a
@@ -377,7 +380,7 @@ class _ProviderJob(_Edge):
                             if event.channel == TOOL_CALL:
                                 held.append(event)
                                 continue
-                            if not await self._send_chunks(held + [event], live):
+                            if not await self._send_chunks(held + [event]):
                                 return
                             held = []
                         elif isinstance(event, Finished):
@@ -388,19 +391,15 @@ class _ProviderJob(_Edge):
                                 if unstreamed > 0:
                                     held[-1] = replace(held[-1], tokens=held[-1].tokens + unstreamed)
                                     eval_count += unstreamed
-                                if not await self._send_chunks(held, live):
+                                if not await self._send_chunks(held):
                                     return
                                 held = []
         except ExecutionFailed as exc:
-            log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
-            self.outcome = f"backend failed: {exc}"
-            self.service.backend_failed(exc)
-            if self.session.state in live:
-                self._apply(self.session.failed(self.now_ms(), str(exc)))
+            self._backend_failed(request, exc)
             return
         finally:
             self._free_slot()
-        if self.session.state not in live:
+        if self.session.state not in _GENERATING:
             return
         if final is not None:
             self.prompt_tokens = final.prompt_eval_count
@@ -411,11 +410,20 @@ class _ProviderJob(_Edge):
         else:  # stopped: Ollama's counts are lost with the stream; input is not charged
             self._apply(self.session.finished(self.now_ms(), 0, eval_count))
 
-    async def _send_chunks(self, chunks: list[Chunk], live: tuple[ProviderState, ...]) -> bool:
+    def _backend_failed(self, request: JobRequest, exc: ExecutionFailed) -> None:
+        """The backend failed this job (generation or embedding): say so,
+        tell the service (a failing Ollama is suspect), end the session."""
+        log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
+        self.outcome = f"backend failed: {exc}"
+        self.service.backend_failed(exc)
+        if self.session.state in _GENERATING:
+            self._apply(self.session.failed(self.now_ms(), str(exc)))
+
+    async def _send_chunks(self, chunks: list[Chunk]) -> bool:
         """Hand ``chunks`` to the session in order, waiting while it is
         paused; False once the job is no longer generating."""
         for chunk in chunks:
-            if self.session.state not in live:
+            if self.session.state not in _GENERATING:
                 return False
             self._apply(self.session.tokens(self.now_ms(), chunk.text, chunk.tokens, chunk.channel))
             await self.resumed.wait()  # paused: stop reading until Resume
@@ -426,29 +434,20 @@ class _ProviderJob(_Edge):
         vector, in the inputs' order (count 1 each, so the credit window
         and the vouchers work as for tokens), then the receipt with
         Ollama's input count. A stop before the answer abandons the call."""
-        live = (ProviderState.RUNNING, ProviderState.PAUSED, ProviderState.STOPPING)
         result: EmbedResult | None = None
         try:
             with self.stop_scope:
                 result = await self.service.backend.embed(
                     request.model, list(inputs), truncate=request.params.truncate,
                     dimensions=request.params.dimensions)
-                texts = [_vector_text(vector) for vector in result.vectors]
-                for text in texts:
-                    if self.session.state not in live:
-                        return
-                    self._apply(self.session.tokens(self.now_ms(), text, 1, EMBEDDING))
-                    await self.resumed.wait()  # paused: wait for the vouchers to catch up
+                if not await self._send_chunks([Chunk(_vector_text(v), 1, EMBEDDING) for v in result.vectors]):
+                    return
         except ExecutionFailed as exc:
-            log.info("job %s: backend failed: %s", request.job_id.hex()[:8], exc)
-            self.outcome = f"backend failed: {exc}"
-            self.service.backend_failed(exc)
-            if self.session.state in live:
-                self._apply(self.session.failed(self.now_ms(), str(exc)))
+            self._backend_failed(request, exc)
             return
         finally:
             self._free_slot()
-        if self.session.state not in live:
+        if self.session.state not in _GENERATING:
             return
         if result is None:  # stopped before Ollama answered: nothing was read, nothing is charged
             self._apply(self.session.finished(self.now_ms(), 0, 0))

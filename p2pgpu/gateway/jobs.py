@@ -45,18 +45,16 @@ from typing import Any
 import trio
 
 from p2pgpu.api import NodeView, SubmitRequest
+from p2pgpu.core.jobparams import JobParams
 from p2pgpu.core.submission import work_of
 from p2pgpu.core.spending import LimitReached, Reservation, SpendingBudget
 from p2pgpu.errors import ExecutionFailed, InsufficientFunds, JobStateConflict, MalformedInput, P2PGPUError, UnknownJob
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GatewayError", "GatewayJob", "status_of_kind", "error_of_event", "prompt_bound", "tool_call_of", "vector_of"]
+__all__ = ["GatewayError", "GatewayJob", "status_of_kind", "error_of_event", "job_params", "prompt_bound", "tool_call_of", "vector_of"]
 
 FINAL = frozenset({"done", "error"})
-CANCEL_SETTLE_S = 30.0
-"""Longest the pump waits for an abandoned job's record to say what it cost;
-past it the whole reservation is counted as spent (never less than the truth)."""
 
 
 @dataclass
@@ -107,6 +105,24 @@ def error_of(exc: P2PGPUError) -> GatewayError:
     return GatewayError(status, str(exc), code)
 
 
+def job_params(*, options: dict[str, Any] | None = None, format: Any = None, tools: Any = None,
+               think: Any = None, images: Any = (), extras: Any = ()) -> JobParams:
+    """A request's ``JobParams`` from what either surface parsed out of it,
+    checked by ``JobParams`` itself (a 400 naming the field)."""
+    wire: dict[str, Any] = {}
+    for name, value in (("options", options), ("format", format), ("tools", tools), ("images", images)):
+        if value:
+            wire[name] = value
+    if think is not None:
+        wire["think"] = think
+    if extras:
+        wire["message_extras"] = [[index, extra.to_wire()] for index, extra in extras]
+    try:
+        return JobParams.from_wire(wire)
+    except MalformedInput as exc:
+        raise GatewayError(400, str(exc), "invalid_request") from None
+
+
 def prompt_bound(request: SubmitRequest) -> int:
     """An upper bound on the request's input tokens, as its hold will count
     them (the same ``Work`` the node builds); 400 when the request's params
@@ -137,10 +153,9 @@ class GatewayJob:
     ``events`` to the final event; ``abandon`` if the client went away."""
 
     def __init__(self, view: NodeView, budget: SpendingBudget, nursery: trio.Nursery, now_ms: Callable[[], int],
-                 request: SubmitRequest, *, client_cap: int | None = None,
-                 needed: Callable[[], int | None] | None = None) -> None:
+                 request: SubmitRequest, *, client_cap: int | None = None, needed: int | None = None) -> None:
         """``client_cap``: the client's own price bound (base units);
-        ``needed()``: the cheapest provider's worst case for this request,
+        ``needed``: the cheapest provider's worst case for this request,
         or None when nobody serves it (then the node's own error says why)."""
         self.view, self.budget, self.nursery, self.now_ms = view, budget, nursery, now_ms
         self.request = request
@@ -167,10 +182,9 @@ class GatewayJob:
         end. ``GatewayError`` when the job fails before any token."""
         try:
             self.reservation = self.budget.reserve(self.now_ms(), self.client_cap)
-            if self._needed is not None:
-                needed = self._needed()
-                if needed is not None and (refusal := self.budget.refusal_for(self.reservation, needed, self.now_ms())):
-                    raise refusal
+            if self._needed is not None and (
+                    refusal := self.budget.refusal_for(self.reservation, self._needed, self.now_ms())):
+                raise refusal
             events = self.view.submit(replace(self.request, max_price=self.reservation.amount))
             first = await anext(events)
         except P2PGPUError as exc:
@@ -249,7 +263,7 @@ class GatewayJob:
                 self._send.send_nowait(self.final)
         finally:
             self._send.close()
-        await self._settle_final()
+        self._settle_final()
 
     async def _stop(self) -> None:
         if self.job_id is not None:
@@ -263,25 +277,22 @@ class GatewayJob:
         else:
             self._scope.cancel()  # nothing ran yet: closing the node's generator stops the job
 
-    async def _settle_final(self) -> None:
+    def _settle_final(self) -> None:
         if self.final is not None and self.final.get("type") == "done" and isinstance(self.final.get("cost"), int):
             self._settle(self.final["cost"])
             return
         if self.job_id is None:
             self._settle(0)
             return
-        cost = None
-        with trio.move_on_after(CANCEL_SETTLE_S):
-            while True:
-                try:
-                    info = self.view.job(self.job_id)
-                except P2PGPUError:
-                    break
-                if info["status"] not in ("queued", "running"):
-                    cost = info["cost"]
-                    break
-                await trio.sleep(0.05)  # the record ends within moments of the final event
-        self._settle(self.reservation.amount if cost is None and self.reservation else (cost or 0))
+        # The node ends a job's record before it sends the final event, so
+        # the record says what the job cost; one still running (it should
+        # not be) counts its whole reservation: never less than the truth.
+        try:
+            info = self.view.job(self.job_id)
+        except P2PGPUError:
+            info = None
+        final = info is not None and info["status"] not in ("queued", "running")
+        self._settle(info["cost"] if final else self.reservation.amount if self.reservation else 0)
 
     def _settle(self, cost: int) -> None:
         if self.reservation is not None and self.cost is None:

@@ -52,7 +52,10 @@ from p2pgpu.core.jobparams import JobParams, MessageExtra, ToolCall, parse_optio
 from p2pgpu.core.offers import normalize_model_name
 from p2pgpu.errors import MalformedInput
 from p2pgpu.gateway.catalog import NetworkModel, capabilities_of, digest_of
-from p2pgpu.gateway.jobs import GatewayError, GatewayJob, error_of_event, prompt_bound, tool_call_of, vector_of
+from p2pgpu.core.jobs import CHAT_ROLES
+from p2pgpu.gateway.jobs import (
+    GatewayError, GatewayJob, error_of_event, job_params, prompt_bound, tool_call_of, vector_of,
+)
 from p2pgpu.gateway.server import (
     Gateway, Handler, JobResponse, client_price_cap, endpoint, job_summary, json_response, read_json,
 )
@@ -63,7 +66,6 @@ OLLAMA_API_VERSION = "0.12.0"
 """The Ollama release whose API this surface follows; ``/api/version`` says it
 (clients compare it to enable features) with the p2pgpu version beside it."""
 NDJSON = "application/x-ndjson"
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 def error_response(error: GatewayError) -> Response:
@@ -133,27 +135,12 @@ def _stream(body: dict[str, Any]) -> bool:
 def _params(body: dict[str, Any], sampling: tuple[tuple[str, Any], ...], *, images: Any = (),
             extras: list[tuple[int, MessageExtra]] | tuple = ()) -> JobParams:
     """The request's ``JobParams``, checked (400 naming the field)."""
-    wire: dict[str, Any] = {}
-    if sampling:
-        wire["options"] = {name: list(v) if isinstance(v, tuple) else v for name, v in sampling}
     fmt = body.get("format")
-    if fmt not in (None, ""):
-        if fmt != "json" and not isinstance(fmt, dict):
-            raise _bad('format must be "json" or a JSON schema object')
-        wire["format"] = fmt
-    if body.get("tools"):
-        wire["tools"] = body["tools"]
-    think = _think(body.get("think"))
-    if think is not None:
-        wire["think"] = think
-    if images:
-        wire["images"] = images
-    if extras:
-        wire["message_extras"] = [[index, extra.to_wire()] for index, extra in extras]
-    try:
-        return JobParams.from_wire(wire)
-    except MalformedInput as exc:
-        raise _bad(str(exc)) from None
+    if fmt not in (None, "") and fmt != "json" and not isinstance(fmt, dict):
+        raise _bad('format must be "json" or a JSON schema object')
+    return job_params(options={name: list(v) if isinstance(v, tuple) else v for name, v in sampling},
+                      format=fmt or None, tools=body.get("tools"), think=_think(body.get("think")),
+                      images=images, extras=extras)
 
 
 def _messages(raw: Any) -> tuple[tuple[tuple[str, str], ...], list[tuple[int, MessageExtra]]]:
@@ -165,8 +152,8 @@ def _messages(raw: Any) -> tuple[tuple[tuple[str, str], ...], list[tuple[int, Me
         if not isinstance(message, dict):
             raise _bad(f"messages[{index}] must be an object")
         role, content = message.get("role"), message.get("content") or ""
-        if not isinstance(role, str) or role not in ROLES:
-            raise _bad(f"messages[{index}]: role must be one of {sorted(ROLES)}")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            raise _bad(f"messages[{index}]: role must be one of {list(CHAT_ROLES)}")
         if not isinstance(content, str):
             raise _bad(f"messages[{index}]: content must be a string")
         pairs.append((role, content))
@@ -370,14 +357,14 @@ class _Handlers:
         body = await read_json(request)
         default = self.gateway.config.default_max_tokens
         submit, stream = chat_request(body, default) if chat else generate_request(body, default)
-        self.gateway.require_model(submit.model)
+        model = self.gateway.require_model(submit.model)
         empty = not submit.messages if chat else not submit.prompt
         if empty:  # Ollama loads the model and answers at once; here there is nothing to load
             answer: dict[str, Any] = {"model": submit.model, "created_at": _now_rfc3339()}
             answer.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
             answer.update(done=True, done_reason="load")
             return json_response(answer)
-        job = self.gateway.job(submit, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
+        job = self.gateway.job(submit, model, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
         await job.start()
         return JobResponse(job, _producer(submit.model, chat, stream, started), media_type=NDJSON if stream
                            else "application/json; charset=utf-8", stream=stream, error=error_response)
@@ -411,9 +398,9 @@ class _Handlers:
             params = JobParams(truncate=body.get("truncate"), dimensions=body.get("dimensions"))
         except MalformedInput as exc:
             raise _bad(str(exc)) from None
-        self.gateway.require_model(name)
+        model = self.gateway.require_model(name)
         submit = SubmitRequest(model=name, inputs=tuple(inputs), max_tokens=len(inputs), params=params)
-        job = self.gateway.job(submit, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
+        job = self.gateway.job(submit, model, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
         await job.start()
 
         async def produce(job: GatewayJob) -> AsyncIterator[bytes]:

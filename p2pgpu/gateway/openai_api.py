@@ -40,7 +40,9 @@ from starlette.routing import Route
 from p2pgpu.api import MAX_TOKENS_LIMIT, SubmitRequest
 from p2pgpu.core.jobparams import JobParams, MessageExtra, ToolCall, parse_options
 from p2pgpu.errors import MalformedInput
-from p2pgpu.gateway.jobs import GatewayError, GatewayJob, error_of_event, prompt_bound, tool_call_of, vector_of
+from p2pgpu.gateway.jobs import (
+    GatewayError, GatewayJob, error_of_event, job_params, prompt_bound, tool_call_of, vector_of,
+)
 from p2pgpu.gateway.server import Gateway, Handler, JobResponse, client_price_cap, endpoint, job_summary, json_response, read_json
 
 __all__ = ["routes", "error_response"]
@@ -197,25 +199,6 @@ def _messages(raw: Any) -> tuple[tuple[tuple[str, str], ...], list[tuple[int, Me
     return tuple(pairs), extras
 
 
-def _params(options: dict[str, Any], *, fmt: Any = None, tools: Any = None, think: Any = None,
-            extras: list[tuple[int, MessageExtra]] | None = None) -> JobParams:
-    wire: dict[str, Any] = {}
-    if options:
-        wire["options"] = options
-    if fmt is not None:
-        wire["format"] = fmt
-    if tools:
-        wire["tools"] = tools
-    if think is not None:
-        wire["think"] = think
-    if extras:
-        wire["message_extras"] = [[index, extra.to_wire()] for index, extra in extras]
-    try:
-        return JobParams.from_wire(wire)
-    except MalformedInput as exc:
-        raise _bad(str(exc)) from None
-
-
 def _response_format(value: Any) -> Any:
     if value is None:
         return None
@@ -255,8 +238,8 @@ def chat_request(body: Any, default_max_tokens: int) -> tuple[SubmitRequest, boo
                    "tool_choice")
     tools = None if tool_choice == "none" else body.get("tools")
     messages, extras = _messages(body.get("messages"))
-    params = _params(options, fmt=_response_format(body.get("response_format")), tools=tools,
-                     think=_reasoning(body.get("reasoning_effort")), extras=extras)
+    params = job_params(options=options, format=_response_format(body.get("response_format")), tools=tools,
+                        think=_reasoning(body.get("reasoning_effort")), extras=extras)
     return (SubmitRequest(model=body["model"], messages=messages, max_tokens=max_tokens, params=params),
             stream, include_usage)
 
@@ -272,7 +255,7 @@ def completion_request(body: Any, default_max_tokens: int) -> tuple[SubmitReques
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise _bad("prompt must be a string (one prompt per request)", "prompt")
-    return (SubmitRequest(model=body["model"], prompt=prompt, max_tokens=max_tokens, params=_params(options)),
+    return (SubmitRequest(model=body["model"], prompt=prompt, max_tokens=max_tokens, params=job_params(options=options)),
             stream, include_usage)
 
 
@@ -375,8 +358,8 @@ class _Handlers:
 
     async def _run(self, request: Request, submit: SubmitRequest, stream: bool, include_usage: bool,
                    chat: bool) -> Response:
-        self.gateway.require_model(submit.model)
-        job = self.gateway.job(submit, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
+        model = self.gateway.require_model(submit.model)
+        job = self.gateway.job(submit, model, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
         await job.start()
         return JobResponse(job, _chat_producer(submit.model, stream, include_usage, chat),
                            media_type=SSE if stream else "application/json", stream=stream, error=error_response)
@@ -412,9 +395,9 @@ class _Handlers:
         except MalformedInput as exc:
             raise _bad(str(exc), "dimensions") from None
         name = body["model"]
-        self.gateway.require_model(name)
+        model = self.gateway.require_model(name)
         submit = SubmitRequest(model=name, inputs=tuple(inputs), max_tokens=len(inputs), params=params)
-        job = self.gateway.job(submit, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
+        job = self.gateway.job(submit, model, client_cap=client_price_cap(request), prompt_tokens=prompt_bound(submit))
         await job.start()
 
         async def produce(job: GatewayJob) -> AsyncIterator[bytes]:

@@ -70,19 +70,13 @@ class Gateway:
                                param="model")
         return model
 
-    def job(self, request: SubmitRequest, *, client_cap: int | None, prompt_tokens: int) -> GatewayJob:
-        """A job for ``request``, its spending bounded (``GatewayJob``)."""
+    def job(self, request: SubmitRequest, model: NetworkModel, *, client_cap: int | None,
+            prompt_tokens: int) -> GatewayJob:
+        """A job for ``request`` on ``model`` (from ``require_model``), its
+        spending bounded (``GatewayJob``)."""
         assert self.nursery is not None, "the gateway is not serving"
-        models = self.models()
-
-        def needed() -> int | None:
-            model = find_model(models, request.model)
-            if model is None:
-                return None
-            return cheapest_worst_case(model, prompt_tokens, request.max_tokens)
-
         return GatewayJob(self.view, self.budget, self.nursery, self.now_ms, request, client_cap=client_cap,
-                          needed=needed)
+                          needed=cheapest_worst_case(model, prompt_tokens, request.max_tokens))
 
 # ------------------------------------------------------------ request helpers
 
